@@ -1015,18 +1015,21 @@ def _atomic_write_json(obj, path):
 PARTIAL_BASE_KEYS = ("language_model.lm_head.weight",)
 
 
-def save_pretrained(model: Armor, path, base=None):
+def save_pretrained(model: Armor, path, base=None, vqgan=None):
+    """Write an ARMOR checkpoint: whole, or partial on top of `base`. `vqgan` records where the image decoder is.
+    Relative paths are stored relative to the checkpoint directory (from_pretrained / sample.py resolve them so)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     sd = model.state_dict()
+    rel = (lambda p: p if p is None or os.path.isabs(p) else os.path.relpath(p, path))
     if base is not None:
         sd = {k: v for k, v in sd.items() if k.startswith("armor.") or k in PARTIAL_BASE_KEYS}
-        if not os.path.isabs(base):  # from_pretrained resolves a relative base against the checkpoint directory
-            base = os.path.relpath(base, path)
     _atomic_save({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"), save_file)
-    _atomic_write_json({"format": "armor", "base": base, "armor": model.config.to_dict()},
-                       os.path.join(path, "config.json"))
+    meta = {"format": "armor", "base": rel(base), "armor": model.config.to_dict()}
+    if vqgan is not None:
+        meta["vqgan"] = rel(vqgan)
+    _atomic_write_json(meta, os.path.join(path, "config.json"))
 
 
 def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=True):
