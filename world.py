@@ -869,6 +869,13 @@ def geneval_prompts(n_per_category, seed, heldout=False) -> list:
     return out
 
 
+def scene_prompts(n_per_scene, seed) -> list:
+    """Drawing requests for every scene: [{scene, prompt}], by canonical name or another phrase of the scene."""
+    rng = random.Random(f"scenes/{seed}")
+    return [{"scene": name, "prompt": _pick(rng, "draw", "train").format(rng.choice((sc.name,) + sc.phrases))}
+            for name, sc in SCENES.items() for _ in range(n_per_scene)]
+
+
 def understanding_set(n, seed, heldout=False) -> list:
     """ti2t items [{image, question, prompt, answer, spec}]; heldout=True: questions about held-out compositions."""
     rng = random.Random(f"understanding/{heldout}/{seed}")

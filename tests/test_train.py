@@ -1,0 +1,317 @@
+"""
+train.py end to end on a miniature world (tests/test_data.py builds it): a tiny InternVL base, the four data types
+plus a webdataset shard, a VQ code cache with random codes.
+
+  python -m pytest tests/test_train.py -q
+
+- DDP: `torchrun --standalone --nproc_per_node=2` (gloo, 1 micro-step) ends with the same trainable tensors as one
+  process with 2 micro-steps on the same global batch (allclose 1e-6), after 6 steps with condition dropout on.
+- Exact resume: SIGKILL while parked after a random step, then --resume: every trainable tensor and the saved model
+  bitwise equal to an uninterrupted run. A SIGKILL in the middle of a checkpoint write leaves the previous ckpt.pt
+  loadable, and resuming from it ends bitwise equal too. SIGTERM saves after the current step and exits with 143.
+- Each WoHG stage (and stage 0, the base MLLM) changes exactly its trainable set: every trainable tensor moved,
+  every other one bit-identical; stage 0 writes a base that from_internvl loads back.
+- Without a code cache, output images are encoded by the VQGAN, whose codebook and grid set the new run's config.
+- Bad data: a dataset with every kind of bad record trains to the end, names the first ones and counts every kind;
+  --strict-data stops at the first with its name. A non-finite loss stops the run naming step and batch, or is
+  skipped and counted with --skip-nonfinite.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import armor
+import train
+from test_data import bad_world, make_world
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: same bits in every process
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainworld")
+    make_world(root)
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def data_args(root, kinds=("t2t", "ti2t", "t2i", "t2ti")):
+    out = []
+    for k in kinds:
+        out += ["--data", f"{k}={root / (k + '.jsonl')}"]
+    if "t2i" in kinds:
+        out += ["--data", f"t2i={root / 'shards' / '*.tar'}"]
+    return out
+
+
+def run_args(root, out, **kw):
+    """Stage 3 from the base: every ARMOR group trains, both losses, condition dropout 0.5."""
+    a = ["--stage", "3", "--base", str(root / "base"), "--codes", str(root / "codes"), *data_args(root),
+         "--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--lr", "3e-3", "--warmup", "2",
+         "--num-adapter-layers", "1", "--cfg-drop", "0.5", "--save-every", "2", "--out", str(out), "--device", "cpu"]
+    for k, v in kw.items():
+        a += [f"--{k.replace('_', '-')}", str(v)]
+    return a
+
+
+def run(args, env=None, timeout=120):
+    p = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env={**ENV, **(env or {})},
+                       capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def trained(out):
+    """The trainable tensors of a run's ckpt.pt and the step it was written at."""
+    ck = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=False)
+    return ck["trainable"], ck["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    out = world / "ref"
+    p = run(run_args(world, out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 6 and re.fullmatch(r"step 6/6 \| loss [\d.]+ \(text [\d.]+, img [\d.]+\) \| lr [\de.-]+ \| "
+                                            r"\d+ ms \| [\d,]+ tok/s \| eta \w+", lines[-1]), lines[-1]
+    return out
+
+
+def assert_same_run(out, ref, exact=True):
+    a, step_a = trained(out)
+    b, step_b = trained(ref)
+    assert step_a == step_b == 6 and sorted(a) == sorted(b)
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    if exact:
+        sa, sb = load_file(Path(out) / "model.safetensors"), load_file(Path(ref) / "model.safetensors")
+        assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    steps = [json.loads(ln)["step"] for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDP
+
+
+def test_two_processes_equal_one(world, reference):
+    out = world / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *run_args(world, out, grad_accum=1)]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 ranks" in p.stdout and p.stdout.count("step 6/6") == 1  # rank 0 logs alone
+    # the whole model was not saved twice, and the losses the two runs logged agree
+    assert_same_run(out, reference, exact=False)
+    la = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(ln)["loss"] for ln in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def park_and_signal(args, step, sig):
+    """Start a run that parks after `step`, send `sig` while it waits, return (returncode, stdout)."""
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env={**ENV, "ARMOR_TEST_PARK_AFTER_STEP": str(step)})
+    lines = []
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith(f"test hook: parked after step {step}"):
+                p.send_signal(sig)
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    return p.returncode, "".join(lines)
+
+
+def test_sigkill_then_resume_is_bitwise_equal(world, reference):
+    step = random.randint(1, 5)  # the checkpoint it resumes from is the last even step before it (or none)
+    out = world / f"killed{step}"
+    rc, log = park_and_signal(run_args(world, out), step, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, log
+    assert (trained(out)[1] if step >= 2 else 0) == step // 2 * 2 and not (out / "model.safetensors").exists()
+    p = run(run_args(world, out) + ["--resume"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (f"resumed from {out / 'ckpt.pt'} at step {step // 2 * 2}" in p.stdout) == (step >= 2), step
+    assert_same_run(out, reference)
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous(world, reference):
+    out = world / "torn"
+    p = run(run_args(world, out), env={"ARMOR_TEST_KILL_IN_SAVE": "2"})  # the second save, at step 4
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "ckpt.pt.tmp").exists() and trained(out)[1] == 2  # the torn file is the temporary one
+    p = run(run_args(world, out) + ["--resume"])
+    assert p.returncode == 0 and "at step 2" in p.stdout, p.stdout + p.stderr
+    assert_same_run(out, reference)
+
+
+def test_sigterm_saves_after_the_step_and_exits(world):
+    out = world / "term"
+    rc, log = park_and_signal(run_args(world, out), 3, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM and "stopped by SIGTERM after step 4" in log, log
+    assert trained(out)[1] == 4 and "Traceback" not in log and not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainable sets (in process: train.main returns the trained model)
+
+
+def quick(root, out, stage, *extra):
+    return ["--stage", str(stage), "--codes", str(root / "codes"), "--steps", "3", "--batch-size", "4", "--lr", "1e-2",
+            "--warmup", "1", "--out", str(out), "--prefetch", "0", "--device", "cpu", *extra]
+
+
+def assert_trained_exactly(before, after, names):
+    sa, sb = after.state_dict(), before.state_dict()
+    assert sorted(sa) == sorted(sb)
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert changed == set(names), sorted(changed ^ set(names))
+
+
+def trainable_names(model, stage):
+    ids = {id(p) for g in armor.STAGE_GROUPS[stage] for p in armor.param_groups(model)[g]}
+    return {k for k, p in model.named_parameters() if id(p) in ids}
+
+
+def test_each_stage_trains_exactly_its_set(world, capsys):
+    vq = dict(num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=1)
+    before = armor.from_internvl(str(world / "base"), seed=0, verbose=False, **vq)
+    init = ["--base", str(world / "base"), "--num-adapter-layers", "1"]
+    for stage in (1, 2, 3):
+        out = world / f"stage{stage}"
+        after = train.main(quick(world, out, stage, *init, *data_args(world)))
+        assert_trained_exactly(before, after, trainable_names(before, stage))
+        assert "alpha 1, beta 0" in capsys.readouterr().out if stage == 1 else True
+        # the saved checkpoint (partial, on top of the base) is the trained model
+        loaded = armor.from_pretrained(str(out), verbose=False)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in after.state_dict().items())
+        assert (out / "tokenizer.json").exists()
+        before, init = loaded, ["--init", str(out)]
+
+
+def test_stage0_trains_the_whole_base(world):
+    before_seed = torch.manual_seed(0)  # noqa: F841  train.py builds the model after the same seeding
+    out = world / "stage0"
+    after = train.main(["--stage", "0", "--preset", "tiny", "--tokenizer", str(world / "tok"), *data_args(
+        world, ("t2t", "ti2t")), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--out",
+        str(out), "--device", "cpu"])
+    torch.manual_seed(0)
+    before = armor.InternVL(train.preset_config("tiny", after.config.llm.vocab_size))
+    armor.init_weights(before)
+    assert_trained_exactly(before, after, [k for k, _ in after.named_parameters()])
+    base = armor.from_internvl(str(out), armor=False, verbose=False)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in after.state_dict().items())
+
+
+def test_output_images_encoded_by_the_vqgan_without_a_cache(world):
+    from vqgan import VQGAN, VQGANConfig, save_vqgan
+
+    torch.manual_seed(0)
+    save_vqgan(VQGAN(VQGANConfig.toy()), world / "vq")  # random weights: 512 codes, f = 8
+    args = quick(world, world / "vqrun", 2, "--base", str(world / "base"), "--num-adapter-layers", "1",
+                 "--data", f"t2i={world / 't2i.jsonl'}", "--vqgan", str(world / "vq"), "--image-px", "64",
+                 "--strict-data")
+    args.remove("--codes")
+    args.remove(str(world / "codes"))
+    model = train.main(args)
+    c = model.config  # the new run's ARMOR config comes from the VQGAN: 512 codes, 64 px / 8 = 8x8 per image
+    assert (c.num_image_codes, c.image_grid, c.image_px) == (512, 8, 64)
+    last = json.loads((world / "vqrun" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and last["tokens"] > 4 * 66  # every example holds an image of 64 codes + 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad data, non-finite losses, toy defaults
+
+
+def bad_args(world, out, *extra):
+    kinds = ("t2t", "ti2t", "t2i", "t2ti")
+    data_ = [a for k in kinds for a in ("--data", f"{k}={world / f'bad_{k}.jsonl'}")]
+    # batch 1 x 4 micro-steps: a bad record leaves a micro-batch empty, which must still step in line
+    return ["--stage", "3", "--base", str(world / "base"), "--codes", str(world / "codes"), *data_,
+            "--num-adapter-layers", "1", "--max-len", "200", "--steps", "12", "--batch-size", "1", "--grad-accum",
+            "4", "--warmup", "1", "--out", str(out), "--device", "cpu", *extra]
+
+
+def test_bad_data_is_skipped_and_counted(world, capsys):
+    names = bad_world(world)
+    train.main(bad_args(world, world / "bad"))
+    log = capsys.readouterr().out
+    assert "step 12/12" in log
+    last = json.loads((world / "bad" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(last["skipped"][k] >= 1 for k in ("malformed", "empty", "missing_image", "unreadable_image",
+                                                 "missing_codes", "too_long")), last["skipped"]
+    named = re.findall(r"data: skipped (bad_\w+\.jsonl:\d+)", log)
+    assert named and set(named) <= {n for v in names.values() for n in v}
+    assert re.search(r"data: skipped (\d+ [a-z ]+, )+\d+ too long", log)  # the summary at the end
+    with pytest.raises(SystemExit, match=r"error: bad data \(--strict-data\): bad_\w+\.jsonl:\d+ \(\w+\): ") as e:
+        train.main(bad_args(world, world / "bad_strict", "--strict-data"))
+    name = re.search(r"(bad_\w+\.jsonl:\d+)", str(e.value)).group(1)
+    assert name in {n for v in names.values() for n in v}
+
+
+def test_nonfinite_loss_stops_or_is_skipped(world, monkeypatch, capsys):
+    forward, calls = armor.Armor.forward, []
+
+    def poisoned(self, *a, **k):  # the third forward (= step 3, one micro-step per step) gives a NaN loss
+        out = forward(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            out.loss, out.loss_text = out.loss * float("nan"), out.loss_text * float("nan")
+        return out
+    monkeypatch.setattr(armor.Armor, "forward", poisoned)
+    args = quick(world, world / "nan", 3, "--base", str(world / "base"), "--num-adapter-layers", "1",
+                 *data_args(world), "--steps", "4")
+    with pytest.raises(SystemExit, match="stopped at step 3 on a non-finite loss"):
+        train.main(args)
+    assert re.search(r"error: non-finite loss at step 3; batch \(rank 0\): \S+\.jsonl:\d+", capsys.readouterr().out)
+    calls.clear()
+    model = train.main(args + ["--skip-nonfinite"])
+    assert "skipped update: non-finite loss at step 3" in capsys.readouterr().out
+    last = json.loads((world / "nan" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_toy_defaults_fill_in_a_bare_command(world, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "toy" else find_spec(name, *a))
+    with pytest.raises(train.UsageError, match=r"toy world \(toy\.py\)"):
+        train.parse_args(["--stage", "2"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "toy" else find_spec(name,
+                                                                                                               *a))
+    toy = types.ModuleType("toy")
+    toy.toy_defaults = lambda stage: {"init": f"toy/stage{stage - 1}", "data": [f"t2i={world}/t2i.jsonl"],
+                                      "codes": "toy/codes", "steps": 7}
+    monkeypatch.setitem(sys.modules, "toy", toy)
+    args = train.parse_args(["--stage", "2", "--steps", "9"])  # the command line still wins
+    assert (args.init, args.steps, args.beta, args.cfg_drop, args.out) == ("toy/stage1", 9, 1.0, 0.1, "out/stage2")

@@ -1,0 +1,661 @@
+"""
+Train ARMOR with WoHG (paper Section 3.4, Figure 5), or the toy world's base MLLM (stage 0).
+
+  stage 1 "what to generate":      alpha=1, beta=0; new embedding rows + text head;            t2t, ti2t, t2i, t2ti
+  stage 2 "how to generate":       alpha=0, beta=1; new embedding rows + adapter + visual head; t2i, t2ti
+  stage 3 "how to answer better":  alpha=1, beta=1; all of those;                               t2t, ti2t, t2i, t2ti
+  stage 0 (toy world only): the plain InternVL from scratch (--preset, --tokenizer), text loss, t2t + ti2t
+
+Commands
+  python train.py --stage 1                      # no data/model arguments: the toy world's defaults (toy.py)
+  python train.py --stage 1 --base /models/InternVL2_5-8B --codes cache/ --data t2t=t2t.jsonl \\
+      --data ti2t=ti2t.jsonl --data t2i='laion/*.tar' --data t2ti=t2ti.jsonl --out out/stage1
+  python train.py --stage 2 --init out/stage1 --codes cache/ --data t2i='laion/*.tar' --data t2ti=t2ti.jsonl
+  torchrun --standalone --nproc_per_node=8 train.py --stage 2 ...   # DDP: nccl on GPUs, gloo on CPU
+  python train.py ... --resume                   # continue from out/ckpt.pt: same command plus --resume
+  python train.py --stage 1 --max-len 512 --steps 2 --device cpu ...                  # a CPU smoke run
+
+Batches: --batch-size examples per rank per micro-step, --grad-accum micro-steps per optimizer step, so the global
+batch is batch_size x grad_accum x world_size; the data sequence depends only on it and the seed (data.py). Losses
+are normalised by the global token counts of the step, so 2 ranks x 1 micro-step equal 1 rank x 2 micro-steps.
+Outputs in --out: model.safetensors + config.json (save_pretrained; a partial checkpoint on top of --base) or, in
+stage 0, the released InternVL layout (save_internvl); the tokenizer files; ckpt.pt (resume); metrics.jsonl.
+Data format, length limit and bad-data handling: the training-data section of data.py.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import closing, contextmanager, nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import armor
+from data import (BAD_KINDS, DATA_TYPES, STAGE_MIX, T2I_TEMPLATES, ExampleBuilder, Pool, Prefetcher, TarSource,
+                  TrainStream, open_sources, read_templates)
+from tokenizer import Tokenizer
+
+STAGE_LOSS = {0: (1.0, 0.0), 1: (1.0, 0.0), 2: (0.0, 1.0), 3: (1.0, 1.0)}  # (alpha, beta), Section 3.4
+STAGE_NAMES = {0: "base MLLM", 1: "what to generate", 2: "how to generate", 3: "how to answer better"}
+ARMOR_FIELDS = ("num_image_codes", "image_grid", "image_px", "num_adapter_layers")  # set for a new run (--base)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
+# arguments that fix the run's data sequence and objective: a resume must not change them
+# (AdamW's own hyperparameters too: Optimizer.load_state_dict would silently keep the saved ones)
+RESUME_FIXED = ("stage", "seed", "data", "mix", "max_len", "cfg_drop", "alpha", "beta", "train", "t2i_templates",
+                "weight_decay", "adam_betas")
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument_group("model")
+    a.add_argument("--stage", type=int, default=1, choices=[0, 1, 2, 3], help="WoHG stage (0: toy base MLLM)")
+    a.add_argument("--base", help="released InternVL2.5 directory; ARMOR modules are added, randomly initialised")
+    a.add_argument("--init", help="ARMOR checkpoint of the previous stage (save_pretrained directory)")
+    a.add_argument("--preset", help="stage 0: armor.PRESETS name or a config JSON (ArmorConfig fields)")
+    a.add_argument("--tokenizer", help="stage 0: tokenizer directory (its size sets the vocabulary)")
+    a.add_argument("--alpha", type=float, help="text loss weight (default: the stage's)")
+    a.add_argument("--beta", type=float, help="image loss weight (default: the stage's)")
+    a.add_argument("--train", help="comma list of trainable groups instead of the stage's: embed_new, text_head, "
+                                   "adapter, visual_head")
+    a.add_argument("--vqgan", help="VQGAN (load_vqgan path): encodes output images missing from --codes")
+    a.add_argument("--codes", help="VQ code cache directory (python vqgan.py cache ...)")
+    for f in ARMOR_FIELDS:
+        a.add_argument("--" + f.replace("_", "-"), type=int, help=f"new runs: ArmorConfig.{f} (default: from the "
+                                                                  f"VQGAN / code cache, else the config default)")
+    d = ap.add_argument_group("data")
+    d.add_argument("--data", action="append", default=[], metavar="TYPE=PATH",
+                   help=f"TYPE in {'|'.join(DATA_TYPES)}; PATH a .jsonl, or a glob of webdataset .tar shards (t2i)")
+    d.add_argument("--mix", help="type weights, e.g. t2i=2,t2ti=1 (default: the stage's, Section 3.4)")
+    d.add_argument("--t2i-templates", help="file of t2i prompt templates for tar shards, one per line with {caption}")
+    d.add_argument("--max-len", type=int, default=4096, help="tokens per example (text after the last image is cut; "
+                                                             "an image span never)")
+    d.add_argument("--cfg-drop", type=float, help="condition dropout for guidance (default 0.1 in stages 2-3, else 0)")
+    d.add_argument("--strict-data", action="store_true", help="stop at the first bad record instead of skipping it")
+    d.add_argument("--prefetch", type=int, default=2, help="optimizer steps of data prepared ahead in a thread (0: "
+                                                           "inline)")
+    o = ap.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    o.add_argument("--batch-size", type=int, default=8, help="examples per rank per micro-step")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    o.add_argument("--lr", type=float, default=1e-4)
+    o.add_argument("--min-lr", type=float, help="end of the cosine (default lr / 10)")
+    o.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of matrices (norms/biases: none)")
+    o.add_argument("--adam-betas", default="0.9,0.95")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    o.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) a step whose loss or gradient "
+                                                                 "is not finite, instead of stopping")
+    s = ap.add_argument_group("system")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; weights stay fp32 (auto: bfloat16 on CUDA, float32 on CPU)")
+    s.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the transformer blocks")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="output directory (default out/stage<N>)")
+    s.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    s.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt (a fresh start if none)")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not (args.data or args.base or args.init or args.preset or args.tokenizer):
+        # item 7: with no data or model arguments, the toy world supplies every default (toy.toy_defaults)
+        import importlib.util
+
+        if importlib.util.find_spec("toy") is None:
+            raise UsageError("no --data / --base / --init given, and the toy world (toy.py) that would supply them "
+                             "is not here; pass a model (--base or --init) and data (--data TYPE=PATH)")
+        from toy import toy_defaults
+
+        defaults = toy_defaults(args.stage)
+        unknown = set(defaults) - set(vars(args))
+        if unknown:
+            raise UsageError(f"toy.toy_defaults returned unknown arguments {sorted(unknown)}")
+        ap.set_defaults(**defaults)
+        args = ap.parse_args(argv)
+    args.alpha = STAGE_LOSS[args.stage][0] if args.alpha is None else args.alpha
+    args.beta = STAGE_LOSS[args.stage][1] if args.beta is None else args.beta
+    args.cfg_drop = (0.1 if args.stage in (2, 3) else 0.0) if args.cfg_drop is None else args.cfg_drop
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.out = args.out or f"out/stage{args.stage}"
+    if args.stage == 0:
+        if not (args.preset and args.tokenizer) or args.base or args.init or args.train:
+            raise UsageError("stage 0 trains the base MLLM from scratch: give --preset and --tokenizer (and no "
+                             "--base / --init / --train)")
+    elif bool(args.base) == bool(args.init):
+        raise UsageError(f"stage {args.stage} needs exactly one of --base (a released InternVL2.5 directory) and "
+                         f"--init (an ARMOR checkpoint of the previous stage)")
+    if args.init and any(getattr(args, f) is not None for f in ARMOR_FIELDS):
+        raise UsageError("--init takes its config from the checkpoint; " +
+                         ", ".join("--" + f.replace("_", "-") for f in ARMOR_FIELDS) + " are for new runs (--base)")
+    if not args.data:
+        raise UsageError("no training data: give --data TYPE=PATH (repeatable)")
+    for name in ("steps", "batch_size", "grad_accum", "max_len", "save_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def preset_config(preset, vocab_size):
+    """Stage 0: a preset's shapes (or a config JSON) with the tokenizer's vocabulary."""
+    if preset in armor.PRESETS:
+        d = armor.PRESETS[preset]().to_dict()
+    elif os.path.isfile(preset):
+        with open(preset) as f:
+            d = json.load(f)
+    else:
+        raise UsageError(f"--preset {preset!r} is neither one of {sorted(armor.PRESETS)} nor a config JSON file")
+    d["llm"]["vocab_size"], d["img_context_id"] = vocab_size, -1  # InternVL's 9 tokens are the tokenizer's last
+    return armor.ArmorConfig(**d)
+
+
+def vq_settings(codes, vqgan, image_px):
+    """ARMOR config fields implied by the code cache (meta.json) or the VQGAN."""
+    if codes is not None:
+        h, w = codes.meta["grid"]
+        if h != w:
+            raise UsageError(f"the code cache holds {h}x{w} grids; ARMOR draws square images")
+        return {"num_image_codes": codes.meta["config"]["n_embed"], "image_grid": h, "image_px": codes.meta["size"]}
+    if vqgan is not None:
+        px = image_px or 256  # the paper draws 256 px images
+        return {"num_image_codes": vqgan.config.n_embed, "image_grid": vqgan.grid(px)[0], "image_px": px}
+    return {}
+
+
+def check_vq(cfg, codes, vqgan):
+    """The codes the data provides must be the ones the model draws."""
+    for what, got in (("--codes", vq_settings(codes, None, None)), ("--vqgan", vq_settings(None, vqgan, cfg.image_px))):
+        bad = {k: (v, getattr(cfg, k)) for k, v in got.items() if v != getattr(cfg, k)}
+        if bad:
+            raise UsageError(f"{what} does not match the model: " +
+                             ", ".join(f"{k} {v} vs the model's {m}" for k, (v, m) in bad.items()))
+
+
+def build_model(args, device, codes, vqgan, verbose):
+    """-> (model, tokenizer, tokenizer source dir, base dir for save_pretrained or None)."""
+    if args.stage == 0:
+        tok = Tokenizer.from_dir(args.tokenizer)
+        cfg = preset_config(args.preset, len(tok))
+        torch.manual_seed(args.seed)
+        with torch.device(device):
+            model = armor.InternVL(cfg)
+        armor.init_weights(model)
+        return model, tok, args.tokenizer, None
+    if args.base:
+        over = vq_settings(codes, vqgan, args.image_px)
+        over.update({f: getattr(args, f) for f in ARMOR_FIELDS if getattr(args, f) is not None})
+        model = armor.from_internvl(args.base, device=device, seed=args.seed, verbose=verbose, **over)
+        base = args.base
+    else:
+        model = armor.from_pretrained(args.init, device=device, verbose=verbose)
+        with open(os.path.join(args.init, "config.json")) as f:
+            base = json.load(f).get("base")
+        base = None if base is None else os.path.normpath(os.path.join(args.init, base))
+    src = base or args.init
+    return model, Tokenizer.from_dir(src), src, base
+
+
+def check_vocab(cfg, tok, src):
+    if cfg.llm.vocab_size != len(tok) or cfg.img_context_id != tok.img_context:
+        raise UsageError(f"the tokenizer in {src} ({len(tok)} tokens, <IMG_CONTEXT> = {tok.img_context}) does not fit "
+                         f"the model (vocab_size {cfg.llm.vocab_size}, img_context_id {cfg.img_context_id})")
+
+
+def trainable_set(model, args):
+    """Figure 5's groups for the stage (or --train); stage 0 trains everything. -> description for the log."""
+    if args.stage == 0:
+        model.requires_grad_(True)
+        return "everything"
+    groups = [g.strip() for g in args.train.split(",")] if args.train else armor.STAGE_GROUPS[args.stage]
+    try:
+        armor.set_trainable(model, groups=groups)
+    except ValueError as e:
+        raise UsageError(f"--train: {e}") from None
+    return " + ".join(groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def open_data(args):
+    """--data / --mix -> (pools by type, mixture weights, log lines); checked before the (slow) model load."""
+    templates = read_templates(args.t2i_templates) if args.t2i_templates else T2I_TEMPLATES
+    sources = {}
+    for spec in args.data:
+        kind, sep, path = spec.partition("=")
+        if not sep or kind not in DATA_TYPES or not path:
+            raise UsageError(f"--data {spec!r}: expected TYPE=PATH with TYPE in {'|'.join(DATA_TYPES)}")
+        try:
+            found = open_sources(path, templates)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--data {spec}: {e}") from None
+        if kind != "t2i" and any(isinstance(s, TarSource) for s in found):
+            raise UsageError(f"--data {spec}: webdataset shards are image + caption pairs, read as t2i only")
+        sources.setdefault(kind, []).extend(found)
+    pools = {k: Pool(k, v) for k, v in sources.items()}
+    notes = []
+    if args.mix:
+        weights = {}
+        for item in args.mix.split(","):
+            k, _, w = item.partition("=")
+            try:
+                weights[k.strip()] = float(w)
+            except ValueError:
+                raise UsageError(f"--mix {args.mix!r}: expected TYPE=WEIGHT,...") from None
+        bad = sorted(set(weights) - set(DATA_TYPES))
+        if bad:
+            raise UsageError(f"--mix: unknown data types {bad}; choose from {list(DATA_TYPES)}")
+        empty = sorted(k for k, w in weights.items() if w > 0 and not len(pools.get(k, ())))
+        if empty:
+            raise UsageError(f"--mix gives weight to {empty} but there is no data for them (--data TYPE=PATH)")
+    else:
+        weights = dict(STAGE_MIX[args.stage])
+        for k in [k for k in weights if not len(pools.get(k, ()))]:
+            notes.append(f"no {k} data: stage {args.stage} trains without it")
+            del weights[k]
+    weights = {k: w for k, w in weights.items() if w > 0}
+    if not weights:
+        raise UsageError(f"no data for stage {args.stage}: it mixes {sorted(STAGE_MIX[args.stage])}")
+    notes += [f"{k} data given but its weight is 0 in this mix (see --mix)" for k in pools if k not in weights]
+    if args.stage == 0 and set(weights) - {"t2t", "ti2t"}:
+        raise UsageError("stage 0 trains the base MLLM on understanding data only: t2t and ti2t")
+    if args.stage > 0 and set(weights) & {"t2i", "t2ti", "ti2ti"} and not (args.codes or args.vqgan):
+        raise UsageError("data with output images needs --codes DIR (a VQ code cache) or --vqgan PATH")
+    total = sum(weights.values())
+    lines = [f"data: {k} {len(pools[k]):,} records x {w / total:.0%}" for k, w in weights.items()]
+    return pools, weights, lines + [f"data: note: {n}" for n in notes]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary name and renamed, so a kill never leaves a broken ckpt.pt
+
+
+def save_checkpoint(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _test_hook_kill_in_save(tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def _test_hook_kill_in_save(tmp):
+    # tests/test_train.py: SIGKILL in the middle of the K-th checkpoint write (half the file on disk, not renamed)
+    k = int(os.environ.get("ARMOR_TEST_KILL_IN_SAVE", "0"))
+    if k:
+        _test_hook_kill_in_save.n = getattr(_test_hook_kill_in_save, "n", 0) + 1
+        if _test_hook_kill_in_save.n == k:
+            with open(tmp, "r+b") as f:
+                f.truncate(os.path.getsize(tmp) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _test_hook_park(step, stop):
+    # tests/test_train.py: after step N, wait (up to 60 s) so that a SIGKILL / SIGTERM lands between two steps
+    if int(os.environ.get("ARMOR_TEST_PARK_AFTER_STEP", "0")) == step:
+        print(f"test hook: parked after step {step}", flush=True)
+        t = time.time()
+        while not stop and time.time() - t < 60:
+            time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then a cosine down to --min-lr at --steps (step is 1-based)."""
+    if step <= args.warmup:
+        return args.lr * step / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m" if s >= 60 else f"{s}s"
+
+
+def fmt_lr(lr):
+    m, e = f"{lr:.1e}".split("e")
+    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
+
+
+def micro_step(model, batch, args, n_text, n_img, pad_id, device, amp, is_armor):
+    """Forward one micro-batch -> (loss, text loss, image loss), each a share of the step's global token means."""
+    if batch is None:  # every example of this micro-batch was bad: a one-token forward with no target keeps
+        ids = torch.full((1, 1), pad_id, dtype=torch.long)  # this rank in step with the others' collectives
+        targets, pixels = torch.full((1, 1), -100, dtype=torch.long), None
+    else:
+        ids, targets, pixels = batch.ids, batch.targets, batch.pixels
+    ids, targets = ids.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    pixels = pixels.to(device, non_blocking=True) if pixels is not None else None
+    with amp:
+        if is_armor:
+            out = model(ids, pixels, targets, args.alpha, args.beta, n_text, n_img)
+            return out.loss, out.loss_text, out.loss_img
+        logits, _ = model(ids, pixels, targets)  # stage 0: the base's LM head on the target positions
+        loss = F.cross_entropy(logits.float(), targets[targets >= 0], reduction="sum") / n_text
+        return loss, loss.detach(), torch.zeros((), device=device)
+
+
+def main(argv=None):
+    """Train; returns the trained model (unwrapped), for tests."""
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}")
+    # DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE)
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise SystemExit(f"error: --device {args.device}: expected auto, cpu or cuda (with a CUDA build of torch)")
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    try:
+        return train(args, ddp, rank, world, device, master, log)
+    except UsageError as e:
+        raise SystemExit(f"error: {e}")
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM / SIGINT -> the list gets the signal number; the loop saves after the current step and exits. Not
+    an immediate exit on a second signal: torchrun forwards a Ctrl-C, so each worker sees it twice."""
+    stop, old = [], {}
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, lambda signum, frame: stop.append(signum))
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train(args, ddp, rank, world, device, master, log):
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    amp_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp_dtype == torch.bfloat16 else nullcontext()
+
+    pools, weights, lines = open_data(args)
+
+    # --- model, tokenizer, VQ codes --------------------------------------------------------------------------------
+    codes = vqgan = None
+    if args.stage > 0 and args.codes:
+        from vqgan import CodeCache
+
+        try:
+            codes = CodeCache(args.codes)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        if not codes.meta.get("complete", True):
+            log(f"warning: the code cache {args.codes} is incomplete (its build was interrupted)")
+    if args.stage > 0 and args.vqgan:
+        from vqgan import load_vqgan
+
+        try:
+            vqgan = load_vqgan(args.vqgan)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--vqgan: {e}") from None
+    try:
+        model, tok, tok_dir, base_dir = build_model(args, device, codes, vqgan, master)
+    except (armor.CheckpointError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    cfg, is_armor = model.config, args.stage > 0
+    check_vocab(cfg, tok, tok_dir)
+    if is_armor:
+        check_vq(cfg, codes, vqgan)
+    what = trainable_set(model, args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    model.grad_ckpt = model.vision_model.grad_ckpt = args.grad_ckpt
+    model.train()
+    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    log(f"stage {args.stage} ({STAGE_NAMES[args.stage]}): alpha {args.alpha:g}, beta {args.beta:g} | trainable "
+        f"{n_train:,} of {n_all:,} parameters ({what}) | {device}, {str(amp_dtype).replace('torch.', '')}"
+        + (f", {world} ranks" if ddp else ""))
+
+    # --- data ------------------------------------------------------------------------------------------------------
+    builder = ExampleBuilder(tok, cfg, args.max_len, codes, vqgan, understanding_only=args.stage == 0)
+    stream = TrainStream(pools, weights, builder, args.batch_size, args.grad_accum, rank, world, args.seed,
+                         args.cfg_drop, args.strict_data, tok.pad if tok.pad is not None else 0)
+    for line in lines:
+        log(line)
+    log(f"batch: {stream.global_batch} examples per step ({args.batch_size} x {args.grad_accum} micro-steps x {world} "
+        f"ranks), max {args.max_len} tokens, condition dropout {args.cfg_drop:g}")
+
+    # --- optimizer: AdamW, decay on matrices only ------------------------------------------------------------------
+    decay = [p for p in params if p.dim() >= 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    betas = tuple(float(b) for b in args.adam_betas.split(","))
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas)
+
+    # --- resume ----------------------------------------------------------------------------------------------------
+    step, stats, nonfinite = 0, {k: 0 for k in BAD_KINDS}, 0
+    torch.manual_seed(args.seed + rank)
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
+        changed = [k for k in RESUME_FIXED if ck["args"].get(k) != getattr(args, k)]
+        if ck["global_batch"] != stream.global_batch:
+            changed.append(f"global batch {ck['global_batch']} -> {stream.global_batch}")
+        if changed:
+            raise UsageError(f"{ckpt_path} was written by a run with other settings: {changed}")
+        if sorted(ck["trainable"]) != sorted(names):
+            raise UsageError(f"{ckpt_path} trains other tensors than this run, e.g. "
+                             f"{sorted(set(ck['trainable']) ^ set(names))[:3]}")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(ck["trainable"][n])
+        opt.load_state_dict(ck["optimizer"])
+        stream.mixture.load_state_dict(ck["data"])
+        step, stats, nonfinite = ck["step"], ck["stats"], ck["nonfinite_skipped"]
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank])
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif args.resume:
+        log(f"--resume: no {ckpt_path} yet, starting from scratch")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if master:  # drop the lines of steps after the checkpoint: they are about to be redone
+        kept = []
+        if step and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    # DDP. A micro-batch may leave a trainable tensor out of the graph (no image target in a stage-3 micro-batch, no
+    # image token for the new embedding rows in a t2t one): `touch` adds 0 * one element of every trainable tensor to
+    # each loss, so every rank always produces every gradient (exactly zero where unused). That keeps
+    # find_unused_parameters off and makes one process and N ranks run the same AdamW updates.
+    dmodel = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if ddp else model
+
+    def touch():
+        return sum(p.view(-1)[0] for p in params) * 0.0
+
+    data_state = stream.mixture.state_dict()  # position after the last step taken
+
+    def checkpoint():
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            save_checkpoint(ckpt_path, {
+                "step": step, "trainable": {n: p.detach().cpu() for n, p in zip(names, params)},
+                "optimizer": opt.state_dict(), "data": data_state, "stats": stats, "nonfinite_skipped": nonfinite,
+                "rng": rngs, "args": vars(args), "global_batch": stream.global_batch, "config": cfg.to_dict()})
+
+    # --- the loop --------------------------------------------------------------------------------------------------
+    V = cfg.llm.vocab_size
+    pad_id = tok.pad if tok.pad is not None else 0
+    times, shown, t_start, step0 = [], 0, time.time(), step
+    with stop_signals() as stop, closing(Prefetcher(stream.next_step, args.prefetch)) as prefetch:
+        while step < args.steps:
+            t0 = time.time()
+            sd = prefetch.get()
+            t_data = time.time() - t0
+            # global token counts of the step (every micro-batch, every rank), so that each micro-step's loss is its
+            # share of the step's token mean; with the bad-record counts and a strict-data flag, in one all_reduce
+            counts = torch.zeros(4 + len(BAD_KINDS), dtype=torch.float64)
+            for b in sd.batches:
+                if b is not None:
+                    counts[0] += int(((b.targets >= 0) & (b.targets <= V)).sum())
+                    counts[1] += int((b.targets > V).sum())
+                    counts[2] += b.n_tokens
+            counts[3] = sd.error is not None
+            for e in sd.bad:
+                counts[4 + BAD_KINDS.index(e.kind)] += 1
+            if ddp:
+                counts = counts.to(device)
+                dist.all_reduce(counts)
+                counts = counts.cpu()
+            if counts[3]:
+                if sd.error is not None:
+                    raise UsageError(f"bad data (--strict-data): {sd.error}")
+                raise UsageError("another rank stopped on bad data (--strict-data)")
+            n_text, n_img, n_tokens = max(1, int(counts[0])), max(1, int(counts[1])), int(counts[2])
+            for k, kind in enumerate(BAD_KINDS):
+                stats[kind] += int(counts[4 + k])
+            for e in sd.bad:  # the first few by name (rank 0's share), then only the counts
+                if shown < 10:
+                    log(f"data: skipped {e}")
+                    shown += 1
+
+            lr = lr_at(step + 1, args)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_text = loss_img = 0.0
+            for m, batch in enumerate(sd.batches):
+                sync = not ddp or m == len(sd.batches) - 1  # all-reduce gradients on the last micro-step only
+                with (nullcontext() if sync else dmodel.no_sync()):
+                    loss, lt, li = micro_step(dmodel, batch, args, n_text, n_img, pad_id, device, amp, is_armor)
+                    # DDP averages gradients over ranks, but the loss is already a share of the global mean: undo it
+                    (loss * world + touch()).backward()
+                loss_text, loss_img = loss_text + float(lt), loss_img + float(li)
+            sums = torch.tensor([loss_text, loss_img, float(bool(stop))], dtype=torch.float64)
+            if ddp:  # step losses for the log, and whether any rank got SIGTERM / SIGINT
+                sums = sums.to(device)
+                dist.all_reduce(sums)
+                sums = sums.cpu()
+            loss_text, loss_img, stopping = float(sums[0]), float(sums[1]), bool(sums[2])
+            loss = args.alpha * loss_text + args.beta * loss_img
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf))
+            step += 1
+            if math.isfinite(loss) and math.isfinite(gnorm):
+                opt.step()
+            else:  # the same decision on every rank: loss and gradients are all-reduced
+                batch_names = [n for b in sd.batches if b is not None for n in b.names]
+                what = "loss" if not math.isfinite(loss) else "gradient"
+                msg = f"non-finite {what} at step {step}; batch (rank {rank}): {', '.join(batch_names)}"
+                if not args.skip_nonfinite:
+                    print(f"error: {msg}", flush=True)
+                    raise UsageError(f"stopped at step {step} on a non-finite {what} (--skip-nonfinite skips such "
+                                     f"steps)")
+                nonfinite += 1
+                log(f"skipped update: {msg}")
+            opt.zero_grad(set_to_none=True)
+            data_state = sd.state
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            times = (times + [dt])[-20:]
+
+            # one progress line per step (rank 0), and the same numbers in metrics.jsonl
+            eta = sum(times) / len(times) * (args.steps - step)
+            skipped = sum(stats.values())
+            log(f"step {step}/{args.steps} | loss {loss:.3g} (text {on(args.alpha, loss_text)}, img "
+                f"{on(args.beta, loss_img)}) | lr {fmt_lr(lr)} | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s | "
+                f"eta {fmt_time(eta)}" + (f" | skipped {skipped:,}" if skipped else ""), flush=True)
+            if master:
+                rec = {"step": step, "loss": loss, "loss_text": loss_text, "loss_img": loss_img, "lr": lr,
+                       "grad_norm": gnorm, "ms": dt * 1000, "data_ms": t_data * 1000, "tokens": n_tokens,
+                       "tok_s": n_tokens / dt, "skipped": dict(stats), "nonfinite_skipped": nonfinite}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if stopping or step % args.save_every == 0 or step == args.steps:
+                checkpoint()
+            if stopping:
+                signum = stop[0] if stop else signal.SIGTERM  # SIGTERM: the signal went to another rank
+                log(f"stopped by {signal.Signals(signum).name} after step {step}; {ckpt_path} saved: rerun the same "
+                    f"command with --resume to continue")
+                raise SystemExit(128 + signum)
+            _test_hook_park(step, stop)
+
+    # --- final model -----------------------------------------------------------------------------------------------
+    if master:
+        if is_armor:
+            armor.save_pretrained(model, args.out, base=base_dir)
+            for fn in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(tok_dir, fn)):
+                    shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(args.out, fn))
+        else:
+            armor.save_internvl(model, args.out)
+            tok.save(args.out)
+        log(f"done: {step - step0} steps in {fmt_time(time.time() - t_start)}"
+            + (f", {nonfinite} skipped as non-finite" if nonfinite else "") + f"; saved to {args.out}")
+        if sum(stats.values()):
+            log("data: skipped " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v))
+    if ddp:
+        dist.barrier()
+    return model
+
+
+def on(weight, x):
+    return f"{x:.3g}" if weight else "-"  # a loss term that this stage switches off
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
