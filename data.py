@@ -1,8 +1,17 @@
 """Data: InternVL image preprocessing (dynamic tiling + normalisation) and conversations -> ids, targets, masks.
 
   python -m pytest tests/test_tiling.py     # tiles and pixels equal to the reference algorithm
+  python -m pytest tests/test_data.py       # masks of each conversation type, sources, mixtures, bad data
 """
+import glob
+import io
+import json
+import posixpath
+import queue
+import tarfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -207,14 +216,6 @@ def make_unconditional(ids: torch.Tensor, user: torch.Tensor, cfg) -> torch.Tens
 # [s*G, (s+1)*G) of the sequence (G = global batch), rank r the r-th contiguous share, so the global batch does not
 # depend on the world size; the position (next index + per-type counts) is saved in checkpoints.
 
-import glob
-import io
-import json
-import posixpath
-import queue
-import tarfile
-import threading
-from pathlib import Path
 
 DATA_TYPES = ("t2t", "ti2t", "t2i", "t2ti", "ti2ti")
 # paper Section 3.4: equal parts of the listed types per stage (stage 0 = the toy world's base MLLM pre-training)
