@@ -91,6 +91,9 @@ class ArmorConfig:
     image_grid: int = 16  # codes per side of a generated image (256 px / 16 = 16 for Chameleon's VQGAN)
     image_px: int = 256  # side of a generated image in pixels
     num_adapter_layers: int = 3
+    # False only for the ablation of Figure 7: image targets are scored by one softmax over the whole vocabulary
+    # (text head + visual head) instead of the visual head alone
+    forward_switching: bool = True
     tokens_per_tile: int = 0  # derived
 
     def __post_init__(self):
@@ -150,6 +153,11 @@ PRESETS = {
     # InternVL2.5-8B: InternViT-300M + internlm2_5-7b-chat
     "internvl2_5-8b": lambda: ArmorConfig(_vit300m(), LLMConfig("internlm2", 92553, 4096, 32, 32, 8, 14336, 1e6, 1e-5,
                                                                  rope_dynamic_factor=2.0)),
+    # the toy world (toy.py): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
+    # LLM (vocab_size is replaced by the toy tokenizer's), drawing 8x8 codes of the toy VQGAN (512 codes)
+    "toy": lambda: ArmorConfig(VisionConfig(64, 8, 128, 4, 4, 512), LLMConfig("qwen2", 1024, 256, 4, 4, 2, 768),
+                               max_tiles=1, system_message="You can see and draw pictures.", num_image_codes=512,
+                               image_grid=8, image_px=64, num_adapter_layers=3),
     # tiny shapes for tests: every code path, milliseconds per forward
     "tiny": lambda: ArmorConfig(VisionConfig(28, 14, 32, 2, 2, 64), LLMConfig("qwen2", 300, 64, 2, 4, 2, 128),
                                 num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=2, max_tiles=4),
@@ -310,6 +318,83 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# Decoding fast path (CPU). A decode step multiplies a few rows by every weight once, so its time is the time to read
+# the weights, and nn.Linear reads them slowly at these shapes. Measured with bench.py's shapes on the 2-core EPYC,
+# one thread, weights past the caches (GB/s of weight read):
+#   bf16, 1-2 rows: F.linear 5.7-7.7, the weight prepacked for oneDNN (torch.ops.mkldnn) 8.2-11.5
+#   fp32, 1 row:    F.linear 9.5-10, prepacked for MKL (torch.ops.mkl) 14-15.5 on tall weights (q|k|v, gate, lm head)
+#   fp32, 2 rows:   F.linear 3.5-5.5, W @ x.T 13-14 on tall weights (the lm head: 4.2 vs 13.6)
+# (the packed kernels are the ones torch.compile's CPU backend uses). So decode steps (one new token per row, no
+# grad, CPU) send every matmul through `fast_linear`, with small groups stacked into one call (q|k|v; every group of
+# a toy-sized model). The packed weights are a second copy of the LLM's and adapter's weights, made by
+# `refresh_fast` when a State is created and kept until a weight changes; `model.fast_decode = False` goes without.
+
+_ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_MKL = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
+
+
+class FastWeights(dict):
+    """(nn.Linear, ...) -> (stamp, [(kind, weight, packed weight, bias) per matmul]). Never copied or pickled."""
+
+    def __deepcopy__(self, memo):
+        return FastWeights()
+
+    def __reduce__(self):
+        return (FastWeights, ())
+
+
+def _pack(linears):
+    """A group's matmuls as (kind, weight, packed weight, bias): one over the stacked weights (bf16, or a small group)
+    or one per module (a big fp32 group, which then needs no stacked copy). Only big fp32 weights (>= 1M entries) take
+    the special kernels: on toy-sized ones F.linear is as fast, and stays single-threaded."""
+    ws, bs = [m.weight for m in linears], [m.bias for m in linears]
+    cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
+    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
+        return [("onednn", None, torch.ops.mkldnn._reorder_linear_weight(cat(ws), 1), cat(bs))]
+    parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
+    out = []
+    for w, b in parts:
+        big = w.dtype == torch.float32 and w.numel() >= 1 << 20
+        out.append(("big" if big else "plain", w, torch.ops.mkl._mkl_reorder_linear_weight(w, 1) if big and _MKL
+                    else None, b))
+    return out
+
+
+def refresh_fast(fast, groups):
+    """(Re)build the entries of `fast` whose weights changed since they were made (training, .to(), loading)."""
+    for g in groups:
+        stamp = tuple((p.data_ptr(), p._version, p.dtype) for m in g for p in m.parameters())
+        if fast.get(g, (None,))[0] != stamp:
+            fast[g] = (stamp, _pack(g))
+
+
+def fast_linear(fast, linears, x):
+    """x (..., d) through the weights of `linears`, stacked -> (..., sum of their out_features)."""
+    parts = fast[linears][1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _mm(x2, *parts[0]) if len(parts) == 1 else torch.cat([_mm(x2, *p) for p in parts], -1)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _mm(x, kind, w, packed, b):
+    if kind == "onednn":  # bf16 prepacked: any number of rows
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    if kind == "big" and x.shape[0] == 1 and packed is not None:
+        return torch.ops.mkl._mkl_linear(x, packed, w, b, 1)
+    if kind == "big" and x.shape[0] <= 8:  # a few rows: the transposed product reads the weight at full speed
+        y = (w @ x.T).T
+        return (y if b is None else y + b).contiguous()
+    return F.linear(x, w, b)
+
+
+def fast_groups(blocks):
+    """The fast_linear groups of a stack of Blocks."""
+    return [g for b in blocks for g in ((b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
+                                        (b.self_attn.o_proj,), (b.mlp.gate_proj, b.mlp.up_proj), (b.mlp.down_proj,))]
+
+
 class KVCache:
     """Pre-allocated keys and values for every layer, indexed by sequence column: (layers, B, n_kv, T_max, hd)."""
 
@@ -335,6 +420,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
 
     def forward(self, x, rope, ctx):
+        if ctx.fast is not None:
+            return self.step(x, rope, ctx)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -349,6 +436,23 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
+    def step(self, x, rope, ctx):
+        """One new token per row (x (B, 1, d)) against the cache, with the fewest kernel calls: one matmul for q|k|v,
+        one RoPE for q and k together, GQA as a reshape (no repeated keys) and plain matmuls for the attention,
+        which at one query cost less than the SDPA kernels' setup."""
+        B, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
+        qkv = fast_linear(ctx.fast, (self.q_proj, self.k_proj, self.v_proj), x)  # (B, 1, (nh + 2 nkv) hd)
+        qk = qkv[..., :(nh + nkv) * hd].view(B, nh + nkv, hd)
+        cos, sin = (r.view(B, 1, hd) for r in rope)
+        qk = qk * cos + rotate_half(qk) * sin
+        k, v = ctx.cache.update(ctx.layer, ctx.start, qk[:, nh:, None], qkv[..., (nh + nkv) * hd:].view(B, nkv, 1, hd))
+        q = qk[:, :nh].reshape(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
+        att = (q.float() @ k.float().transpose(-1, -2)) * hd ** -0.5  # (B, nkv, g, S), fp32 like the SDPA kernels
+        if ctx.mask is not None:
+            att = att.masked_fill(~ctx.mask, float("-inf"))  # (B, 1, 1, S)
+        y = (att.softmax(-1) @ v.float()).to(x.dtype)  # (B, nkv, g, hd)
+        return fast_linear(ctx.fast, (self.o_proj,), y.view(B, 1, nh * hd))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
@@ -357,7 +461,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # w3
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # w2
 
-    def forward(self, x):
+    def forward(self, x, fast=None):
+        if fast is not None:  # decode step: see fast_linear
+            g, u = fast_linear(fast, (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
+            return fast_linear(fast, (self.down_proj,), F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -373,7 +480,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope, ctx):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.fast)
 
 
 @dataclass
@@ -384,6 +491,7 @@ class Ctx:
     mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = may attend
     causal: bool = False
     layer: int = 0
+    fast: FastWeights | None = None  # set for decode steps on CPU (see fast_linear)
 
 
 def make_ctx(B, T, start, pad, cache, device):
@@ -456,6 +564,8 @@ class InternVL(nn.Module):
         self.language_model = CausalLM(config.llm)
         self.rotary = Rotary(config.llm)
         self.grad_ckpt = False
+        self.fast_weights = FastWeights()  # decode-step weights (see fast_linear), filled by new_state on CPU
+        self.fast_decode = True  # False: decode steps use the modules as they are (no packed copy)
 
     def extract_feature(self, pixels):
         """(N tiles, 3, S, S) -> (N, tokens_per_tile, d)."""
@@ -494,7 +604,24 @@ class InternVL(nn.Module):
         pos = self.positions(B, start, T, pad, x.device)
         rope = self.rotary(pos, start + T, x.dtype)
         ctx = make_ctx(B, T, start, pad, cache, x.device)
+        ctx.fast = self._fast(x, T, cache)
         return run_blocks(self.language_model.model.layers, x, rope, ctx, self.grad_ckpt)
+
+    def _fast(self, x, T, cache):
+        """The fast-path weights for a decode step (one token per row, cached, no grad, CPU), else None."""
+        ok = T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
+        return self.fast_weights if ok and self.fast_decode and self.fast_weights else None
+
+    def fast_groups(self):
+        lm = self.language_model
+        return fast_groups(lm.model.layers) + [(lm.lm_head,)]
+
+    def _heads_fast(self, h, group):
+        """Head matmuls of a decode step (a few rows, no grad, CPU) go through fast_linear too."""
+        if not self.fast_decode or h.device.type != "cpu" or torch.is_grad_enabled() or h.numel() > 64 * h.shape[-1]:
+            return None
+        refresh_fast(self.fast_weights, [group])
+        return self.fast_weights
 
     def forward(self, ids, pixels=None, targets=None):
         """Base MLLM forward (next-token targets aligned with ids, -100 = ignore) -> (logits, loss)."""
@@ -510,6 +637,8 @@ class InternVL(nn.Module):
         p = next(self.parameters())
         dtype, device, c = dtype or p.dtype, device or p.device, self.config.llm
         pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        if self.fast_decode and device.type == "cpu":  # the weights must not change while this state is decoded
+            refresh_fast(self.fast_weights, self.fast_groups())
         return State(KVCache(c.num_layers, B, c.num_kv_heads, max_len, c.head_dim, dtype, device), pad)
 
     def extend(self, state: State, ids, pixels=None):
@@ -521,7 +650,9 @@ class InternVL(nn.Module):
         return h
 
     def text_logits(self, h):
-        return self.language_model.lm_head(self.language_model.model.norm(h))
+        h = self.language_model.model.norm(h)
+        fast = self._heads_fast(h, (self.language_model.lm_head,))
+        return self.language_model.lm_head(h) if fast is None else fast_linear(fast, (self.language_model.lm_head,), h)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -577,6 +708,10 @@ class Armor(InternVL):
     def text_logits(self, h):
         """Text head on decoder outputs (..., d) -> (..., V + 1): the original LM head + the <imgbos> row."""
         h = self.language_model.model.norm(h)
+        group = (self.language_model.lm_head, self.armor.imgbos_head)
+        fast = self._heads_fast(h, group)
+        if fast is not None:
+            return fast_linear(fast, group, h)
         return torch.cat([self.language_model.lm_head(h), self.armor.imgbos_head(h)], dim=-1)
 
     def adapt(self, h, start=0, pad=None, cache=None):
@@ -585,11 +720,17 @@ class Armor(InternVL):
         pos = self.positions(B, start, T, pad, h.device)
         rope = self.rotary(pos, start + T, h.dtype)
         ctx = make_ctx(B, T, start, pad, cache, h.device)
+        ctx.fast = self._fast(h, T, cache)
         return run_blocks(self.armor.adapter, h, rope, ctx, self.grad_ckpt)
+
+    def fast_groups(self):
+        return super().fast_groups()[:-1] + fast_groups(self.armor.adapter)
 
     def image_logits(self, a):
         """Visual head on adapter outputs (..., d) -> (..., K + 2): <imgend>, <imgpad>, codes."""
-        return self.armor.visual_head(self.armor.adapter_norm(a))
+        a = self.armor.adapter_norm(a)
+        fast = self._heads_fast(a, (self.armor.visual_head,))
+        return self.armor.visual_head(a) if fast is None else fast_linear(fast, (self.armor.visual_head,), a)
 
     def forward(self, ids, pixels=None, targets=None, alpha=1.0, beta=1.0, n_text=None, n_img=None):
         """Training / scoring forward. targets (B, T) are next-token ids aligned with ids (-100 = no target).
@@ -615,8 +756,11 @@ class Armor(InternVL):
         if beta and bool(is_img.any()):
             last = int(is_img.any(0).nonzero().max()) + 1  # the adapter is causal: stop after the last image target
             a = self.adapt(h[:, :last])
-            image_logits = self.image_logits(a[is_img[:, :last]])
-            loss_img = F.cross_entropy(image_logits.float(), targets[is_img] - (V + 1), reduction="sum")
+            z = a[is_img[:, :last]]
+            image_logits, tgt = self.image_logits(z), targets[is_img] - (V + 1)
+            if not self.config.forward_switching:  # ablation: the whole vocabulary competes (index = token id)
+                image_logits, tgt = torch.cat([self.text_logits(z), image_logits], dim=-1), targets[is_img]
+            loss_img = F.cross_entropy(image_logits.float(), tgt, reduction="sum")
             loss_img = loss_img / (n_img if n_img is not None else is_img.sum())
         loss = alpha * loss_text + beta * loss_img
         return ArmorOutput(text_logits, image_logits, loss, loss_text.detach(), loss_img.detach())

@@ -1,0 +1,380 @@
+"""
+Speed of ARMOR's generation and training, each row measured side by side in one run (warm-up excluded, medians).
+
+  python bench.py             # the full table (about 10 minutes on 2 CPU cores)
+  python bench.py --quick     # fewer tokens and repeats (about 3 minutes)
+
+Rows:
+  decode      tokens/s of sample.generate vs transformers' Qwen2ForCausalLM.generate on the same weights (an
+              InternVL2.5-1B-shaped LLM = Qwen2.5-0.5B + untied head, random weights, fp32 and bf16; and the toy
+              checkpoint), batch 1 and batch 2 (the shape of a CFG step), greedy, no stop token. Decode rate =
+              (N - 1) / (time(N tokens) - time(1 token)), the same for both, so the prefill drops out. The bound:
+              steps/s <= read bandwidth / weight bytes read per step (every decoder weight + the text head).
+  prefill     tokens/s of one 512-token prompt (ours: extend + text head on the last position; HF: forward with
+              logits_to_keep=1).
+  text-only   a text answer from sample.generate (adapter present, --cfg on) vs the bare LLM in a plain greedy
+              KV-cache loop: the lazily filled adapter cache should cost nothing.
+  train       one WoHG stage-2 step (forward + backward + AdamW) of the 1B shape on t2i sequences, tokens/s and
+              MFU against the fp32 matmul peak measured in this run. FLOPs per token (matmuls only): frozen decoder
+              4 N_dec (forward + input-gradient backward; no weight gradients), trainable adapter 6 N_adapter, visual
+              head 6 N_head on image positions, attention 2 T d per layer forward (causal) x 3 for fwd + bwd.
+  vqgan       decode seconds per 256 px image (released Chameleon config, random weights), and the toy VQGAN.
+The vision tower is left out of the 1B-shaped model (a 1-layer stand-in): no row here feeds it an image.
+Threads: every row runs at one thread count, by default the one (1 or all cores) at which decode-shaped bf16 GEMVs
+run fastest at startup; on a loaded machine a second thread stalls every parallel kernel. The load average is printed.
+"""
+
+import argparse
+import os
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import armor
+from armor import Armor, InternVL, VisionConfig
+from sample import DEFAULT_CFG, DEFAULT_TOY, Sampling, generate
+
+GREEDY = Sampling(0.0)
+# the bench tokenizer spells every byte as a token, so a short system message keeps prompts near real lengths (~50)
+SYSTEM = "You are ARMOR."
+PROMPT = "Describe a quiet morning by the sea."
+
+
+def timeit(fn, reps):
+    """Median wall time of reps calls after one warm-up call (reps = 0: one timed call, no warm-up)."""
+    if reps == 0:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def side_by_side(fns, reps):
+    """Median times of several functions, interleaved run by run so that machine load hits them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in ts]
+
+
+def read_bandwidth(threads=None):
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads or n)
+    x = torch.ones(2 ** 28)  # 1 GiB of fp32: far past the caches
+    bw = x.numel() * 4 / timeit(lambda: x.sum(), 5)
+    torch.set_num_threads(n)
+    return bw
+
+
+def decode_probe(threads):
+    """Weight GB/s of one-row products through 16 bf16 4864 x 896 weights (140 MB, past the caches), on armor's
+    decode path, at a thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    lins = [torch.nn.Linear(896, 4864, bias=False, device="meta").to_empty(device="cpu") for _ in range(16)]
+    for m in lins:
+        m.weight.requires_grad_(False).normal_(0, 0.02)  # not left uninitialised: denormals crawl
+    lins = [m.to(torch.bfloat16) for m in lins]
+    fast = armor.FastWeights()
+    armor.refresh_fast(fast, [(m,) for m in lins])
+    x = torch.randn(1, 896, dtype=torch.bfloat16)
+    t = timeit(lambda: [armor.fast_linear(fast, (m,), x) for m in lins], 5)
+    torch.set_num_threads(n)
+    return 16 * 4864 * 896 * 2 / t
+
+
+def matmul_peak(dtype, shapes=((2048, 2048, 2048), (320, 896, 4864), (320, 4864, 896))):
+    """The best matmul throughput of a square and of the training step's own GEMM shapes (fastest of 5 runs each)."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b
+        t = min(timeit(lambda: a @ b, 0) for _ in range(5))
+        best = max(best, 2 * m * k * n / t)
+    return best
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def bench_tokenizer(vocab_size):
+    """A byte-level tokenizer with exactly vocab_size ids (the InternVL specials last), so prompts encode like the
+    real one's bytes and every id of a Qwen-sized vocabulary exists: the random model may emit any of them."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    from tokenizer import INTERNVL_TOKENS, QWEN_SPECIALS, Tokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    n = vocab_size - len(QWEN_SPECIALS) - len(INTERNVL_TOKENS)
+    vocab = {s: i for i, s in enumerate(sorted(alphabet) + [f"<t{i}>" for i in range(n - len(alphabet))])}
+    tk = HFTokenizer(BPE(vocab, []))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS + INTERNVL_TOKENS])
+    tok = Tokenizer(tk)
+    assert len(tok) == vocab_size
+    return tok
+
+
+def random_1b(dtype):
+    """InternVL2.5-1B's LLM (Qwen2.5-0.5B shape, untied head) + ARMOR's additions, random, no vision tower."""
+    cfg = armor.PRESETS["internvl2_5-1b"]()
+    cfg = replace(cfg, vision=VisionConfig(28, 14, 32, 1, 2, 64), tokens_per_tile=0, system_message=SYSTEM)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Armor(cfg)
+    model.to_empty(device="cpu")
+    armor.init_weights(model)
+    armor.init_armor(model, seed=0)
+    return model.to(dtype).eval().requires_grad_(False), bench_tokenizer(cfg.llm.vocab_size)
+
+
+def load_toy():
+    from sample import load
+
+    model, tok, _ = load(DEFAULT_TOY)
+    return model.requires_grad_(False), tok
+
+
+def hf_twin(model):
+    """transformers' Qwen2ForCausalLM holding the very same tensors (no copy)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    l = model.config.llm
+    assert l.arch == "qwen2", "the transformers twin is a Qwen2"
+    hc = Qwen2Config(vocab_size=l.vocab_size, hidden_size=l.hidden_size, num_hidden_layers=l.num_layers,
+                     num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads,
+                     intermediate_size=l.intermediate_size, rope_theta=l.rope_theta, rms_norm_eps=l.rms_norm_eps,
+                     max_position_embeddings=l.max_position_embeddings, tie_word_embeddings=False)
+    hc._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(hc)
+    sd = {"model." + k[len("language_model.model."):]: v for k, v in model.state_dict().items()
+          if k.startswith("language_model.model.")}
+    sd["lm_head.weight"] = model.language_model.lm_head.weight
+    hf.load_state_dict(sd, strict=True, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hc)  # its inv_freq buffer is not in the state dict
+    hf.generation_config.pad_token_id = 0
+    return hf.to(next(model.parameters()).dtype).eval()
+
+
+def bare_llm(model):
+    """The base InternVL (no ARMOR modules) on the same tensors: what decoding costs without the image branch."""
+    with torch.device("meta"):
+        bare = InternVL(model.config)
+    bare.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("armor.")}, assign=True)
+    return bare.eval()
+
+
+def weight_bytes_per_step(model):
+    """Bytes of weights one decode step reads: every decoder layer, the final norm and the text head."""
+    lm = model.language_model
+    ps = list(lm.model.layers.parameters()) + list(lm.model.norm.parameters()) + [lm.lm_head.weight]
+    if isinstance(model, Armor):
+        ps.append(model.armor.imgbos_head.weight)
+    return sum(p.numel() * p.element_size() for p in ps)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def decode_rows(name, model, tok, hf, n_tokens, reps, bw, rows):
+    from data import encode_conversation
+
+    conv = [{"role": "user", "content": PROMPT}]
+    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids])
+    nbytes = weight_bytes_per_step(model)
+    for B in (1, 2):
+        x = ids.repeat(B, 1)
+
+        def ours(n):
+            return lambda: generate(model, tok, [conv] * B, max_new_tokens=n, text=GREEDY, ignore_eos=True)
+
+        def theirs(n):
+            return lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
+
+        to_n, th_n, to_1, th_1 = side_by_side([ours(n_tokens), theirs(n_tokens), ours(1), theirs(1)], reps)
+        ro, rh = B * (n_tokens - 1) / (to_n - to_1), B * (n_tokens - 1) / (th_n - th_1)
+        hf_ids = theirs(n_tokens)()[:, x.shape[1]:].tolist()
+        same = [a.ids for a in ours(n_tokens)()] == hf_ids
+        bound = B * bw / nbytes
+        rows.append((f"decode {name} batch {B}", f"{ro:,.1f} tok/s", f"{rh:,.1f} tok/s", f"{ro / rh:.2f}x",
+                     f"bound {bound:,.1f} tok/s: ours {ro / bound:.0%}, HF {rh / bound:.0%}; same tokens: "
+                     f"{'yes' if same else 'no'}"))
+        print(" | ".join(rows[-1]), flush=True)
+
+
+def prefill_row(name, model, hf, n, reps, rows):
+    ids = torch.randint(0, model.config.llm.vocab_size - 20, (1, n))
+
+    @torch.no_grad()
+    def ours():
+        state = model.new_state(1, n)
+        return model.text_logits(model.extend(state, ids)[:, -1])
+
+    @torch.no_grad()
+    def theirs():
+        return hf(ids, logits_to_keep=1, use_cache=True).logits
+
+    to, th = side_by_side([ours, theirs], reps)
+    rows.append((f"prefill {name} {n} tokens", f"{n / to:,.1f} tok/s", f"{n / th:,.1f} tok/s", f"{th / to:.2f}x", ""))
+    print(" | ".join(rows[-1]), flush=True)
+
+
+def text_only_row(name, model, tok, n_tokens, reps, rows):
+    from data import encode_conversation
+
+    conv = [{"role": "user", "content": PROMPT}]
+    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids])
+    bare = bare_llm(model)
+
+    def plain(n):
+        @torch.no_grad()
+        def run():
+            state = bare.new_state(1, ids.shape[1] + n)
+            h = bare.extend(state, ids)[:, -1]
+            for _ in range(n - 1):
+                h = bare.extend(state, bare.text_logits(h).argmax(-1)[:, None])[:, 0]
+        return run
+
+    def ours(n):
+        return lambda: generate(model, tok, [conv], max_new_tokens=n, text=GREEDY, cfg=DEFAULT_CFG, ignore_eos=True)
+
+    to_n, tb_n, to_1, tb_1 = side_by_side([ours(n_tokens), plain(n_tokens), ours(1), plain(1)], reps)
+    ratio = (to_n - to_1) / (tb_n - tb_1)
+    rows.append((f"text-only answer {name}", f"{(to_n - to_1) / (n_tokens - 1) * 1e3:.1f} ms/tok",
+                 f"bare LLM {(tb_n - tb_1) / (n_tokens - 1) * 1e3:.1f} ms/tok", f"{ratio:.3f}x",
+                 f"sample.generate with the adapter and --cfg {DEFAULT_CFG} vs a plain greedy loop (target <= 1.05x)"))
+    print(" | ".join(rows[-1]), flush=True)
+
+
+def stage2_flops_per_step(model, B, T, n_img):
+    c, l = model.config, model.config.llm
+    n_dec = sum(p.numel() for p in model.language_model.model.layers.parameters())
+    n_ad = sum(p.numel() for p in model.armor.adapter.parameters())
+    attn = 2 * T * l.hidden_size  # per token per layer, forward, causal (QK^T and AV over T/2 keys on average)
+    per_token = 4 * n_dec + 6 * n_ad + 3 * attn * (l.num_layers + c.num_adapter_layers)
+    return B * T * per_token + 6 * model.armor.visual_head.weight.numel() * n_img
+
+
+def train_row(reps, peak, rows, B=1, T=320):
+    model, _ = random_1b(torch.float32)
+    model.train()
+    n = armor.set_trainable(model, stage=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
+    c = model.config
+    hw = c.image_grid ** 2
+    g = torch.Generator().manual_seed(0)
+    P = T - hw - 3  # a t2i sequence: prompt, <imgbos>, h*w codes, <imgend>, <|im_end|>
+    ids = torch.cat([torch.randint(0, c.llm.vocab_size - 20, (B, P), generator=g),
+                     torch.full((B, 1), c.imgbos_id),
+                     c.code_offset + torch.randint(0, c.num_image_codes, (B, hw), generator=g),
+                     torch.full((B, 1), c.imgend_id), torch.full((B, 1), c.llm.vocab_size - 10)], 1)
+    targets = torch.full_like(ids, -100)
+    targets[:, P - 1:P + hw + 1] = ids[:, P:P + hw + 2]  # <imgbos> -> codes -> <imgend>: the visual head's targets
+    targets[targets <= c.llm.vocab_size] = -100  # stage 2: alpha = 0, only image targets
+    n_img = int((targets > c.llm.vocab_size).sum())
+
+    def step():
+        out = model(ids, targets=targets, alpha=0.0, beta=1.0)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = timeit(step, reps)
+    flops = stage2_flops_per_step(model, B, T, n_img)
+    rows.append((f"train stage 2, 1B shape, fp32, {B}x{T} tokens", f"{B * T / t:,.1f} tok/s", f"{t:.2f} s/step",
+                 f"MFU {flops / t / peak:.0%}", f"{flops / t / 1e9:,.1f} GFLOP/s of a measured {peak / 1e9:,.1f} "
+                                                f"GFLOP/s fp32 matmul peak; {n:,} trainable parameters"))
+    print(" | ".join(rows[-1]), flush=True)
+
+
+def vqgan_rows(reps, rows):
+    from vqgan import VQGAN, VQGANConfig, load_vqgan
+
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig()).eval()
+    codes = torch.randint(0, 8192, (1, 16, 16))
+    t = timeit(lambda: vq.decode(codes), reps)
+    rows.append(("vqgan decode 256 px (Chameleon config)", f"{t:.2f} s/image", "", "", "fp32, random weights"))
+    print(" | ".join(rows[-1]), flush=True)
+    toy = DEFAULT_TOY.parent / "vqgan"
+    if toy.exists():
+        vq = load_vqgan(str(toy))
+        f = vq.config.factor
+        codes = torch.randint(0, vq.config.n_embed, (1, 64 // f, 64 // f))
+        t = timeit(lambda: vq.decode(codes), reps)
+        rows.append(("vqgan decode 64 px (toy)", f"{t * 1e3:.1f} ms/image", "", "", ""))
+        print(" | ".join(rows[-1]), flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for every row (default: the count, 1 or "
+                                                            "all cores, with the higher measured read bandwidth)")
+    args = ap.parse_args(argv)
+    n_tok, reps = (12, 2) if args.quick else (32, 3)
+    rows = []
+    cores = torch.get_num_threads()
+    if args.threads:
+        threads, note = args.threads, "as asked"
+    else:
+        # On a shared machine a second OpenMP thread that is not scheduled stalls every parallel kernel (measured
+        # here under load: 0.7 GB/s instead of 10 for a 4864x896 GEMV), while on a quiet one it speeds up the
+        # compute-bound bf16 GEMV (70 vs 100 ms per 1B-shape decode step): so the thread count is measured.
+        probe = {t: decode_probe(t) for t in sorted({1, cores})}
+        threads = max(probe, key=probe.get)
+        note = "decode-shaped bf16 GEMV: " + ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in probe.items())
+    torch.set_num_threads(threads)
+    bw = max(read_bandwidth(t) for t in sorted({1, threads}))  # the bound takes the best read bandwidth seen
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"torch {torch.__version__} | {threads} of {cores} threads ({note}) | load average {load}\n"
+          f"read bandwidth {bw / 1e9:.1f} GB/s (sum of 1 GiB fp32) | matmul peak fp32 {peak32 / 1e9:,.1f} GFLOP/s, "
+          f"bf16 {peak16 / 1e9:,.1f} GFLOP/s (best of 2048^3 and the training GEMM shapes)", flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = random_1b(dtype)
+        hf = hf_twin(model)
+        name = f"1B-shape {str(dtype)[6:]}"
+        decode_rows(name, model, tok, hf, n_tok, reps, bw, rows)
+        prefill_row(name, model, hf, 128 if args.quick else 512, 1 if args.quick else 2, rows)
+        if dtype == torch.bfloat16:
+            text_only_row(name, model, tok, n_tok, reps, rows)
+        del model, hf
+    if DEFAULT_TOY.is_dir():
+        model, tok = load_toy()
+        hf = hf_twin(model)
+        decode_rows("toy fp32", model, tok, hf, 4 * n_tok, reps, bw, rows)
+        prefill_row("toy fp32", model, hf, 512, reps, rows)
+        text_only_row("toy fp32", model, tok, 4 * n_tok, reps, rows)
+    else:
+        print(f"(toy rows skipped: no toy checkpoint at {DEFAULT_TOY})")
+    train_row(1 if args.quick else 2, peak32, rows)
+    vqgan_rows(reps, rows)
+
+    print("\n| row | ours | reference | ratio | notes |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""
+Sample from ARMOR: one model answers with text, an image, or text then image, choosing by itself (forward switching,
+paper Section 3.2, Table 1). Text streams to the terminal; each image is decoded by the VQGAN and saved as a PNG as
+soon as its span ends; the whole answer is written as an HTML page (text and images in order).
+
+  python sample.py "draw an aurora"                              # the built-in toy checkpoint (toy/armor)
+  python sample.py --model CKPT "what is the capital of France?"  # an ARMOR checkpoint directory
+  python sample.py --model CKPT --base InternVL2_5-1B --vqgan chameleon/tokenizer "draw a red apple"
+  python sample.py --image cat.png "what is this? then draw it in winter"   # ti2t / ti2ti (--image repeatable)
+  python sample.py --n 4 --seed 1 --cfg 3 "draw a sunset over the sea"      # 4 answers in one batch
+  python sample.py --greedy "a circle to the left of a square"              # greedy text and codes
+  python sample.py --chat                                                   # multi-turn session on stdin
+  python -m pytest tests/test_sample.py                                     # the checks listed in that file
+  python eval.py --cfg-sweep 1,2,3,4,6     # the toy evaluation's sweep that DEFAULT_CFG below is to be set from
+
+Generation (`generate`, also what eval.py calls): a batch of left-padded prompts x n answers, KV caches for the LLM
+and the adapter, the adapter's cache filled lazily in one batched catch-up when an image starts (a text-only answer
+never runs it). Inside an image span the visual head may only emit codes, exactly h*w of them, then <imgend> is
+forced; <imgbos> is masked when the remaining budget cannot hold a whole image. Classifier-free guidance on image
+tokens: the unconditional rows (data.make_unconditional, the form training's condition dropout uses) sit in the same
+batch, are fed the same sampled tokens, and are themselves caught up lazily when their row's batch starts an image.
+On CPU the decode steps run armor.py's fast path (prepacked / stacked weights, see fast_linear); bench.py measures
+it against transformers' generate. At the end the CLI prints time to first token, text and image tokens/s, seconds
+per image and peak memory (model loading is reported apart).
+"""
+
+import argparse
+import html
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from armor import KVCache, State
+from data import GEN_IMAGE, encode_conversation, make_unconditional
+
+DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
+# Provisional: to be replaced by the value the toy evaluation's CFG sweep picks (README table).
+DEFAULT_CFG = 3.0
+
+
+@dataclass
+class Sampling:
+    """Sampling settings of one modality. temperature <= 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+TEXT_DEFAULT = Sampling(0.7, 0, 0.9)
+IMAGE_DEFAULT = Sampling(1.0, 0, 1.0)
+
+
+@dataclass
+class Answer:
+    segments: list  # in order: str (text) or LongTensor (h, w) (a code grid)
+    ids: list  # the generated tokens (extended vocabulary), <|im_end|> included when reached
+    finished: bool  # True: ended with <|im_end|>; False: ran out of budget
+    conversation: int  # index of the conversation it answers
+
+    @property
+    def text(self):
+        return "".join(s if isinstance(s, str) else GEN_IMAGE for s in self.segments)
+
+    @property
+    def images(self):
+        return [s for s in self.segments if not isinstance(s, str)]
+
+    def message(self):
+        """The answer as an assistant turn for the next round of a chat (data.encode_conversation reads `codes`)."""
+        return {"role": "assistant", "content": self.text, "codes": self.images}
+
+
+def sample_token(logits, s: Sampling, gen):
+    """logits (N, C) float -> (N,) long: greedy, or temperature + top-k + top-p (nucleus) sampling."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        srt, idx = logits.sort(-1, descending=True)
+        p = srt.softmax(-1)
+        drop = p.cumsum(-1) - p > s.top_p  # keep the shortest prefix whose mass reaches top_p (the top token always)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+def _rows(state: State, rows: slice) -> State:
+    """A State over some rows of another, sharing its tensors (writes go through): the conditional or the
+    unconditional half of a guided batch, which advance separately while the answer is text."""
+    def part(kv):
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = kv.k[:, rows], kv.v[:, rows]
+        return out
+    return State(part(state.llm), state.pad[rows], state.hidden[rows], part(state.adapter), state.length,
+                 state.adapter_length)
+
+
+TEXT, IMAGE, IMGEND = 0, 1, 2  # what a row's next token is: from the text head, a code, the forced <imgend>
+
+
+@torch.no_grad()
+def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, text=TEXT_DEFAULT,
+             image=IMAGE_DEFAULT, cfg=1.0, seed=0, on_text=None, on_image=None, ignore_eos=False, stats=None):
+    """Answer a batch of conversations, n answers each, in one batch -> list of Answer (conversation-major).
+
+    conversations: lists of {"role": "user" | "assistant", "content": str}; user contents may hold `<image>`
+      placeholders (one per input image, else the images go in front of the first turn); assistant contents hold
+      earlier generated images as `<gen_image>` with their code grids in the message's "codes" list.
+    images: per conversation, a list of input images (PIL or paths), or None.
+    text, image: Sampling settings of the two heads (temperature 0 = greedy).
+    cfg: classifier-free guidance scale on image tokens (1 = none): logits = u + cfg * (c - u).
+    on_text(row, piece): streamed text; on_image(row, codes (h, w)): called as soon as an image span ends.
+    ignore_eos: do not stop at <|im_end|> (benchmarks: a fixed number of tokens).
+    stats: a dict filled with timings and token counts (see print_stats).
+    """
+    c, dev = model.config, next(model.parameters()).device
+    t0 = time.perf_counter()
+    V, hw, off = c.llm.vocab_size, c.image_grid ** 2, c.code_offset
+    images = images or [[] for _ in conversations]
+    if len(images) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    encs = []
+    for msgs, ims in zip(conversations, images):
+        codes = [g for m in msgs if m["role"] == "assistant" for g in m.get("codes", [])]
+        encs.append(encode_conversation(tok, c, msgs, ims, codes, add_generation_prompt=True))
+    rows = [e for e in encs for _ in range(n)]  # answer r answers conversation r // n
+    B, L = len(rows), max(len(e.ids) for e in rows)
+    guided = cfg != 1.0
+    G, T = 2 * B if guided else B, L + max_new_tokens
+
+    # Every row's tokens by cache column, left-padded; the unconditional rows B..2B-1 mirror the conditional ones.
+    seq = torch.full((G, T), tok.pad, dtype=torch.long, device=dev)
+    pad = torch.tensor([L - len(e.ids) for e in rows], device=dev)
+    for r, e in enumerate(rows):
+        ids = torch.tensor(e.ids, device=dev)
+        seq[r, L - len(ids):L] = ids
+        if guided:
+            seq[B + r, L - len(ids):L] = make_unconditional(ids, torch.tensor(e.user, device=dev), c)
+    pixels = [e.pixels for e in rows if e.pixels is not None]
+    pixels = torch.cat(pixels).to(dev) if pixels else None
+
+    state = model.new_state(G, T, pad=pad.repeat(2) if guided else pad)
+    cond = _rows(state, slice(0, B)) if guided else state
+    uncond = _rows(state, slice(B, G)) if guided else None
+
+    def feed(col, need_visual):
+        """Run column col (already in seq) through the LLM -> decoder outputs (B, d) of the conditional rows.
+        When a visual step follows and guidance is on, the unconditional rows first catch up in one call."""
+        if guided and need_visual:
+            if uncond.length < col:
+                model.extend(uncond, seq[B:, uncond.length:col])
+            state.length = col
+            h = model.extend(state, seq[:, col:col + 1])[:B, 0]
+            cond.length = uncond.length = state.length
+            return h
+        return model.extend(cond, seq[:B, col:col + 1])[:, 0]
+
+    # Text head mask: <IMG_CONTEXT> only ever stands for input-image features, and ids past the tokenizer's
+    # vocabulary (padded embedding rows) have no text.
+    text_bias = torch.zeros(V + 1, device=dev)
+    text_bias[c.img_context_id] = float("-inf")
+    text_bias[len(tok):V] = float("-inf")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+
+    h = model.extend(cond, seq[:B, :L], pixels)[:, -1]  # prefill: (B, d) at the last prompt column
+    t_prefill = time.perf_counter()
+    mode, done = [TEXT] * B, [False] * B
+    out = [[] for _ in range(B)]  # generated ids per row
+    segs = [[] for _ in range(B)]
+    text_ids = [[] for _ in range(B)]  # the current text segment's ids, and how many of its characters were streamed
+    shown = [0] * B
+    codes = [[] for _ in range(B)]
+    t_first, n_text, n_img, n_images = None, 0, 0, 0
+    t_text = t_img = 0.0  # decode time of text steps / of steps that make image tokens, and their tokens
+    k_text = k_img = 0
+
+    def flush(r):
+        s = tok.decode(text_ids[r])
+        if on_text is not None and len(s) > shown[r]:
+            on_text(r, s[shown[r]:])
+        if s:
+            segs[r].append(s)
+        text_ids[r], shown[r] = [], 0
+
+    for step in range(max_new_tokens):
+        ts = time.perf_counter()
+        nxt = [tok.pad] * B
+        trows = [r for r in range(B) if not done[r] and mode[r] == TEXT]
+        irows = [r for r in range(B) if not done[r] and mode[r] == IMAGE]
+        if trows:  # text head over [0, V] (V = <imgbos>)
+            logits = model.text_logits(h if len(trows) == B else h[trows]).float() + text_bias
+            short = [i for i, r in enumerate(trows) if max_new_tokens - len(out[r]) < hw + 2]
+            if short:  # no room left for <imgbos> + h*w codes + <imgend>
+                logits[short, V] = float("-inf")
+            for r, t in zip(trows, sample_token(logits, text, gen).tolist()):
+                nxt[r] = t
+        if irows:  # visual head; <imgpad> never and <imgend> only when forced, so only the codes compete
+            a = model.adapter_catch_up(state)[:, -1]  # (G, d): the adapter over every column it has not seen
+            idx = irows + [B + r for r in irows] if guided else irows
+            logits = model.image_logits(a[idx])[:, 2:].float()
+            if guided:
+                k = len(irows)
+                logits = logits[k:] + cfg * (logits[:k] - logits[k:])  # u + cfg * (c - u)
+            for r, t in zip(irows, sample_token(logits, image, gen).tolist()):
+                nxt[r] = t + off
+        # a step that makes image tokens counts as image time, with every token it makes
+        drew = bool(irows) or any(m == IMGEND and not d for m, d in zip(mode, done))
+        made = B - sum(done)
+        for r in range(B):
+            if done[r]:
+                continue
+            t = nxt[r] = c.imgend_id if mode[r] == IMGEND else nxt[r]
+            out[r].append(t)
+            if mode[r] == TEXT:
+                n_text += 1
+                if t == tok.im_end and not ignore_eos:
+                    done[r] = True
+                elif t == c.imgbos_id:
+                    flush(r)
+                    mode[r], codes[r] = IMAGE, []
+                else:
+                    text_ids[r].append(t)
+                    if on_text is not None:
+                        s = tok.decode(text_ids[r])
+                        if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                            on_text(r, s[shown[r]:])
+                            shown[r] = len(s)
+            elif mode[r] == IMAGE:
+                n_img += 1
+                codes[r].append(t - off)
+                if len(codes[r]) == hw:
+                    mode[r] = IMGEND
+            else:  # the forced <imgend>: the image is complete
+                n_img += 1
+                grid = torch.tensor(codes[r]).view(c.image_grid, c.image_grid)
+                segs[r].append(grid)
+                n_images += 1
+                if on_image is not None:
+                    on_image(r, grid)
+                mode[r] = TEXT
+            if len(out[r]) >= max_new_tokens:
+                done[r] = True
+            if done[r]:
+                flush(r)
+        if t_first is None:
+            t_first = time.perf_counter()
+        if not all(done):
+            col = L + step
+            seq[:, col] = torch.tensor(nxt * 2 if guided else nxt, device=dev)
+            h = feed(col, any(not done[r] and mode[r] == IMAGE for r in range(B)))
+        if drew:
+            t_img, k_img = t_img + time.perf_counter() - ts, k_img + made
+        else:
+            t_text, k_text = t_text + time.perf_counter() - ts, k_text + made
+        if all(done):
+            break
+
+    if stats is not None:
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev)
+        else:  # the process's peak resident set (Linux reports KiB)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        stats.update(prefill_s=t_prefill - t0, ttft_s=(t_first or time.perf_counter()) - t0, text_tokens=n_text,
+                     image_tokens=n_img, images=n_images, text_step_s=t_text, text_step_tokens=k_text,
+                     image_step_s=t_img, image_step_tokens=k_img, peak_bytes=peak, total_s=time.perf_counter() - t0,
+                     rows=B, guided_rows=G - B)
+    return [Answer(segs[r], out[r], bool(out[r]) and out[r][-1] == tok.im_end and not ignore_eos, r // n)
+            for r in range(B)]
+
+
+def print_stats(s, decode_s=None):
+    """One line of honest speed numbers (STYLE 10). Step rates: every token made in the steps of that kind, so a
+    batch that draws while another row writes counts those text tokens in the image steps."""
+    rate = lambda k, t: f"{k / t:,.1f} tok/s" if t > 0 else "-"
+    parts = [f"time to first token {s['ttft_s']:.2f} s (prefill {s['prefill_s']:.2f} s)",
+             f"text {rate(s['text_step_tokens'], s['text_step_s'])} ({s['text_tokens']} tokens)",
+             f"image {rate(s['image_step_tokens'], s['image_step_s'])} ({s['image_tokens']} tokens)"]
+    if s["images"]:
+        per = s["image_step_s"] / s["images"]
+        parts.append(f"{per:.2f} s per image" + (f" + {decode_s / s['images']:.2f} s VQGAN decode" if decode_s else ""))
+    parts.append(f"peak memory {s['peak_bytes'] / 2 ** 30:.2f} GiB")
+    print(" | ".join(parts), file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loading: an ARMOR checkpoint directory = config.json {"format": "armor", "base": ..., "vqgan": ..., "armor": {...}}
+# + model.safetensors (+ tokenizer.json when whole). Relative paths are relative to the checkpoint directory.
+
+
+def load(path, base=None, vqgan=None, device="cpu", dtype=torch.float32):
+    """-> (model, tokenizer, VQGAN or None). base / vqgan override the paths stored in config.json."""
+    import json
+
+    from armor import CheckpointError, from_pretrained, refresh_fast
+    from tokenizer import Tokenizer
+    from vqgan import load_vqgan
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != "armor":
+        raise CheckpointError(f"{cfg_path} is not an ARMOR checkpoint (\"format\": \"armor\")")
+    base = base if base is not None else (path / meta["base"] if meta.get("base") else None)
+    model = from_pretrained(str(path), dtype=dtype, device=device, base=None if base is None else str(base)).eval()
+    if model.fast_decode and torch.device(device).type == "cpu":  # pack the decode weights now, not in the first answer
+        refresh_fast(model.fast_weights, model.fast_groups())
+    tok_dir = path if (path / "tokenizer.json").is_file() else base
+    if tok_dir is None:
+        raise CheckpointError(f"{path} holds no tokenizer.json and names no base directory to take one from")
+    tok = Tokenizer.from_dir(tok_dir)
+    if tok.img_context != model.config.img_context_id:
+        raise CheckpointError(f"the tokenizer in {tok_dir} puts <IMG_CONTEXT> at {tok.img_context}, the model at "
+                              f"{model.config.img_context_id}")
+    vq_path = vqgan if vqgan is not None else (path / meta["vqgan"] if meta.get("vqgan") else None)
+    vq = None
+    if vq_path is not None:
+        vq = load_vqgan(str(vq_path), device=device)
+        c = model.config
+        if vq.config.n_embed != c.num_image_codes or vq.grid(c.image_px) != (c.image_grid, c.image_grid):
+            raise CheckpointError(f"the VQGAN at {vq_path} ({vq.config.n_embed} codes, {vq.config.factor}x down) "
+                                  f"does not draw the model's {c.image_grid}x{c.image_grid} grids of "
+                                  f"{c.num_image_codes} codes at {c.image_px} px")
+    return model, tok, vq
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Output: PNGs as images complete, an HTML page per answer
+
+
+class Writer:
+    """Decodes each finished code grid right away and saves it as `{stem}_image{k}.png`; then writes the HTML."""
+
+    def __init__(self, out_dir, vq, stems):
+        self.out, self.vq, self.stems = Path(out_dir), vq, stems
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.paths = {r: [] for r in range(len(stems))}
+        self.decode_s = 0.0
+
+    def image(self, row, codes):
+        if self.vq is None:
+            return
+        from vqgan import to_pil
+
+        t = time.perf_counter()
+        img = to_pil(self.vq.decode(codes[None])[0])
+        self.decode_s += time.perf_counter() - t
+        p = self.out / f"{self.stems[row]}_image{len(self.paths[row])}.png"
+        img.save(p)
+        self.paths[row].append(p)
+        print(f"\n[image saved: {p}]", file=sys.stderr, flush=True)
+
+    def html(self, row, turns):
+        """turns: [(role, segments)] with the answer's images taking this row's PNGs in order."""
+        pngs = iter(self.paths[row])
+        body = []
+        for role, segments in turns:
+            body.append(f"<h3>{role}</h3>")
+            for s in segments:
+                if isinstance(s, str):
+                    body.append(f"<p>{html.escape(s).replace(chr(10), '<br>')}</p>")
+                else:
+                    p = next(pngs, None)
+                    body.append(f'<p><img src="{p.name}" width="256" style="image-rendering: pixelated"></p>'
+                                if p else "<p>[image: no VQGAN given, codes only]</p>")
+        p = self.out / f"{self.stems[row]}.html"
+        p.write_text("<!doctype html>\n<meta charset=\"utf-8\">\n<title>ARMOR</title>\n<body style=\"max-width: "
+                     "720px; margin: 2em auto; font-family: sans-serif\">\n" + "\n".join(body) + "\n</body>\n")
+        return p
+
+
+def _settings(args, prefix):
+    s = Sampling(**{f.name: getattr(args, f"{prefix}_{f.name}") for f in fields(Sampling)})
+    return replace(s, temperature=0.0) if args.greedy else s
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", nargs="?", help="the question or instruction (omit with --chat)")
+    ap.add_argument("--model", help=f"ARMOR checkpoint directory (default: the toy checkpoint {DEFAULT_TOY})")
+    ap.add_argument("--base", help="InternVL2.5 directory for a checkpoint that holds only ARMOR's tensors")
+    ap.add_argument("--vqgan", help="VQGAN weights (file or folder), overriding the checkpoint's")
+    ap.add_argument("--image", action="append", default=[], help="input image (repeatable)")
+    ap.add_argument("--chat", action="store_true", help="multi-turn session: one user turn per line of stdin")
+    ap.add_argument("--n", type=int, default=1, help="answers per prompt, in one batch")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="classifier-free guidance on image tokens (1 = off)")
+    ap.add_argument("--greedy", action="store_true", help="greedy text and image tokens")
+    # sampling flags derived from the Sampling dataclass: --text-temperature, --image-top-k, ...
+    for prefix, d in (("text", TEXT_DEFAULT), ("image", IMAGE_DEFAULT)):
+        for f in fields(Sampling):
+            v = getattr(d, f.name)
+            ap.add_argument(f"--{prefix}-{f.name.replace('_', '-')}", type=type(v), default=v,
+                            help=f"{prefix} {f.name}")
+    ap.add_argument("--out", default="samples", help="folder for the PNGs and HTML pages")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args(argv)
+    if not args.chat and not args.prompt:
+        ap.error("give a PROMPT, or --chat")
+    if args.n < 1 or args.max_new_tokens < 1:
+        ap.error("--n and --max-new-tokens must be at least 1")
+    for p in args.image:
+        if not os.path.isfile(p):
+            ap.error(f"--image {p}: no such file")
+
+    from armor import CheckpointError
+
+    path = args.model
+    if path is None:
+        if not DEFAULT_TOY.is_dir():
+            sys.exit(f"error: the built-in toy checkpoint is missing ({DEFAULT_TOY}); the toy pipeline writes it, "
+                     f"or pass --model DIR")
+        path = DEFAULT_TOY
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    try:
+        model, tok, vq = load(path, args.base, args.vqgan, args.device, getattr(torch, args.dtype))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"loaded in {time.perf_counter() - t:.1f} s (not counted below)", file=sys.stderr)
+    if vq is None:
+        print("no VQGAN given: images are kept as codes only (--vqgan PATH to draw them)", file=sys.stderr)
+    kw = dict(max_new_tokens=args.max_new_tokens, text=_settings(args, "text"), image=_settings(args, "image"),
+              cfg=args.cfg, seed=args.seed)
+
+    if args.chat:
+        chat(model, tok, vq, args, kw)
+        return
+    stems = ["answer"] if args.n == 1 else [f"answer{j}" for j in range(args.n)]
+    w = Writer(args.out, vq, stems)
+    stream = (lambda r, s: print(s, end="", flush=True)) if args.n == 1 else None
+    stats = {}
+    try:
+        answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [args.image], n=args.n,
+                           on_text=stream, on_image=w.image, stats=stats, **kw)
+    except ValueError as e:  # e.g. more <image> placeholders than images
+        sys.exit(f"error: {e}")
+    print()
+    for j, a in enumerate(answers):
+        if args.n > 1:
+            print(f"--- answer {j} ---\n{a.text}")
+        page = w.html(j, [("user", [args.prompt]), ("assistant", a.segments)])
+        print(f"[{'finished' if a.finished else 'stopped at the token budget'}] {page}" +
+              "".join(f"\n  {p}" for p in w.paths[j]))
+    print_stats(stats, w.decode_s)
+
+
+def chat(model, tok, vq, args, kw):
+    """Multi-turn: the history keeps every turn, generated images as their codes, so later turns can refer to them."""
+    history, turns = [], []
+    w = Writer(args.out, vq, ["chat"])
+    images = list(args.image)
+    print("chat: one message per line; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not line or line in ("exit", "quit"):
+            break
+        history.append({"role": "user", "content": line})
+        print("armor> ", end="", flush=True)
+        stats, w.decode_s = {}, 0.0
+        try:
+            (a,) = generate(model, tok, [history], [images], on_text=lambda r, s: print(s, end="", flush=True),
+                            on_image=w.image, stats=stats, **kw)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        print()
+        history.append(a.message())
+        turns += [("user", [line]), ("assistant", a.segments)]
+        print(f"[{w.html(0, turns)}]", file=sys.stderr)
+        print_stats(stats, w.decode_s)
+
+
+if __name__ == "__main__":
+    main()
