@@ -1,0 +1,199 @@
+"""
+The paper's ablations, re-run in the toy world. One command each; each writes a figure or a table to runs/ablations/.
+
+  python ablations.py switching      # Figure 7: stage-2 loss with forward switching vs one head over the whole
+                                     #   vocabulary (same data, same steps) -> switching.png + switching.md
+  python ablations.py embeddings     # Section 6.3: stage 2 with vs without the new embedding rows trainable
+                                     #   -> embeddings.png + embeddings.md (loss, GenEval-style score)
+  python ablations.py single-stage   # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
+                                     #   three stages, same total steps -> single_stage.md (understanding kept)
+  python ablations.py all --steps 600
+
+Every arm starts from the same point: the shipped toy base (toy/base) and, for the stage-2 ablations, one stage-1
+run made here. Runs are cached in runs/ablations/<arm> (train.py --resume), so a rerun only redoes what is missing.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from PIL import Image, ImageDraw
+
+import toy
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(ROOT, "runs", "ablations")
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def run(name, stage, start, steps, extra=()):
+    """train.py for one arm (resumable); start = ("base", dir) or ("init", dir). Returns the run directory."""
+    out = os.path.join(OUT, name)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    p = toy.paths()
+    _, batch, lr, warmup = toy.TRAIN[stage]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
+           "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(min(warmup, steps // 10)),
+           "--save-every", "200", "--device", "cpu", "--dtype", "float32", "--codes", p["codes"],
+           f"--{start[0]}", start[1]]
+    for d in toy._data_args(p, stage if stage else 3):
+        cmd += ["--data", d]
+    cmd += list(extra)
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def curve(run_dir, key):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+
+def smooth(points, k=20):
+    out = []
+    for i in range(len(points)):
+        w = points[max(0, i - k + 1):i + 1]
+        out.append((points[i][0], sum(v for _, v in w) / len(w)))
+    return out
+
+
+def plot(curves, path, title, ylabel="loss"):
+    """A plain line plot with PIL (no plotting library at run time): {label: [(step, value)]} -> PNG."""
+    W, H, L, R, T, B = 720, 440, 70, 20, 40, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for c in curves.values() for x, _ in c]
+    ys = [y for c in curves.values() for _, y in c]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    y1 += 0.05 * (y1 - y0) or 1
+    sx = lambda x: L + (x - x0) / max(x1 - x0, 1) * (W - L - R)
+    sy = lambda y: H - B - (y - y0) / max(y1 - y0, 1e-9) * (H - T - B)
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for i in range(5):
+        yv = y0 + i * (y1 - y0) / 4
+        d.text((5, sy(yv) - 6), f"{yv:.2f}", fill="black")
+        xv = x0 + i * (x1 - x0) / 4
+        d.text((sx(xv) - 10, H - B + 5), f"{xv:.0f}", fill="black")
+    d.text((W // 2 - 20, H - 20), "step", fill="black")
+    d.text((5, T - 25), ylabel, fill="black")
+    d.text((L, 10), title, fill="black")
+    for i, (label, c) in enumerate(curves.items()):
+        col = COLOURS[i % len(COLOURS)]
+        d.line([(sx(x), sy(y)) for x, y in c], fill=col, width=2)
+        d.text((W - R - 260, T + 10 + 16 * i), "-- " + label, fill=col)
+    img.save(path)
+
+
+def geneval(run_dir, n):
+    """GenEval-style overall of a stage-2 checkpoint (cfg from sample.py's default)."""
+    import eval as ev
+    import sample
+    model, tok, vq = sample.load(run_dir, vqgan=os.path.join(toy.SHIP, "vqgan"))
+    return ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, 1234)["overall"]
+
+
+def understanding(run_dir, items):
+    import eval as ev
+    import sample
+    model, tok, _ = sample.load(run_dir)
+    return ev.eval_understanding(model, tok, items)
+
+
+def stage1(steps):
+    return run("stage1", 1, ("base", os.path.join(toy.SHIP, "base")), steps)
+
+
+def write(name, text):
+    path = os.path.join(OUT, name)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"wrote {path}")
+
+
+def switching(steps):
+    s1 = stage1(max(steps // 4, 50))
+    # the "Normal" model of Section 4.4: the same network, but its stage-1 checkpoint is marked to score image
+    # targets with one softmax over the whole vocabulary (ArmorConfig.forward_switching = False)
+    normal = os.path.join(OUT, "stage1_one_head")
+    if not os.path.exists(os.path.join(normal, "config.json")):
+        shutil.copytree(s1, normal, dirs_exist_ok=True)
+        with open(os.path.join(normal, "config.json")) as f:
+            meta = json.load(f)
+        meta["armor"]["forward_switching"] = False  # "base" is relative and both folders sit side by side
+        with open(os.path.join(normal, "config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+    a = run("s2_switching", 2, ("init", s1), steps)
+    b = run("s2_one_head", 2, ("init", normal), steps)
+    ca, cb = curve(a, "loss_img"), curve(b, "loss_img")
+    plot({"forward switching (two heads)": smooth(ca), "one head over the whole vocabulary": smooth(cb)},
+         os.path.join(OUT, "switching.png"), f"Stage-2 image loss, toy world ({steps} steps, same data)")
+    last = lambda c: sum(v for _, v in c[-50:]) / len(c[-50:])
+    write("switching.md", "| stage 2 | image loss, last 50 steps | image loss at 25% of the steps |\n|---|---|---|\n"
+          f"| forward switching | {last(ca):.3f} | {ca[len(ca) // 4][1]:.3f} |\n"
+          f"| one shared head | {last(cb):.3f} | {cb[len(cb) // 4][1]:.3f} |")
+
+
+def embeddings(steps, n):
+    s1 = stage1(max(steps // 4, 50))
+    a = run("s2_with_embeddings", 2, ("init", s1), steps)
+    b = run("s2_without_embeddings", 2, ("init", s1), steps, ["--train", "adapter,visual_head"])
+    ca, cb = curve(a, "loss_img"), curve(b, "loss_img")
+    plot({"new embedding rows trainable (WoHG)": smooth(ca), "adapter + visual head only": smooth(cb)},
+         os.path.join(OUT, "embeddings.png"), f"Stage-2 image loss, toy world ({steps} steps)")
+    last = lambda c: sum(v for _, v in c[-50:]) / len(c[-50:])
+    write("embeddings.md", "| stage 2 trains | image loss, last 50 steps | GenEval-style overall |\n|---|---|---|\n"
+          f"| new rows + adapter + visual head (WoHG) | {last(ca):.3f} | {geneval(a, n):.3f} |\n"
+          f"| adapter + visual head | {last(cb):.3f} | {geneval(b, n):.3f} |")
+
+
+def single_stage(steps, n):
+    import eval as ev
+    import world
+    third = max(steps // 3, 50)
+    s1 = stage1(third)
+    s2 = run("s2_with_embeddings", 2, ("init", s1), third)
+    s3 = run("wohg_stage3", 3, ("init", s2), third)
+    one = run("single_stage", 3, ("base", os.path.join(toy.SHIP, "base")), 3 * third,
+              ["--train", "embed_new,text_head,adapter,visual_head"])
+    items = world.understanding_set(5 * n, 1234)
+    import armor
+    import sample
+    base = armor.from_internvl(os.path.join(toy.SHIP, "base"), armor=False, verbose=False).eval()
+    _, tok, _ = sample.load(os.path.join(toy.SHIP, "armor"))
+    u0 = ev.eval_understanding(base, tok, items, is_base=True)
+    uw, us = understanding(s3, items), understanding(one, items)
+    write("single_stage.md",
+          f"| training ({3 * third} steps in all) | ti2t accuracy | Und. (kept of the base's {u0:.3f}) | "
+          "GenEval-style overall |\n|---|---|---|---|\n"
+          f"| WoHG: stages 1, 2, 3 | {uw:.3f} | {uw / u0:.3f} | {geneval(s3, n):.3f} |\n"
+          f"| one stage, everything trainable, alpha = beta = 1 | {us:.3f} | {us / u0:.3f} | {geneval(one, n):.3f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all"])
+    ap.add_argument("--steps", type=int, default=1000, help="stage-2 steps per arm (single-stage: total steps)")
+    ap.add_argument("--n", type=int, default=10, help="prompts per GenEval category / 5x ti2t questions")
+    args = ap.parse_args(argv)
+    if not os.path.exists(os.path.join(toy.SHIP, "armor", "config.json")):
+        sys.exit(f"error: the shipped toy world is missing from {toy.SHIP}; run `python toy.py` first")
+    os.makedirs(OUT, exist_ok=True)
+    p = toy.paths()
+    toy.make_data(p, toy.N_RECORDS)
+    toy.make_codes(p, os.path.join(toy.SHIP, "vqgan"))
+    if args.which in ("switching", "all"):
+        switching(args.steps)
+    if args.which in ("embeddings", "all"):
+        embeddings(args.steps, args.n)
+    if args.which in ("single-stage", "all"):
+        single_stage(args.steps, args.n)
+
+
+if __name__ == "__main__":
+    main()

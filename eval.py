@@ -1,0 +1,251 @@
+"""
+Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know when to draw, and still understand?
+
+  python eval.py                                  # toy/armor vs toy/base -> one Markdown table, also eval.md
+  python eval.py --model runs/toy/stage3 --stages runs/toy/stage1 runs/toy/stage2   # understanding per stage
+  python eval.py --cfg-sweep 1,2,3,4,6            # the guidance sweep behind sample.py's default --cfg
+  python eval.py --quick                          # fewer prompts (a smoke run)
+
+Sections (prompts are seeded; world.py holds the prompt sets and the rule-based judges, validated in its tests):
+  generation    GenEval's six categories on the object world (single object, two objects, counting, colours,
+                position, colour attribution), scored by world.detect / world.check; held-out compositions apart
+  scenes        drawing requests for the twelve scenes, scored by world.classify_scene
+  understanding ti2t questions on rendered images; accuracy of the base MLLM and of each stage, and the
+                retention ratio (the paper's "Und.", Table 4)
+  modality      "what to generate": the response modality (text / image / text+image) for held-out phrasings
+                of t2t, ti2t, t2i and t2ti prompts (and ti2ti)
+  ti2ti         image in, text + image out (never trained, Section 6.2.1): text fact right, image right
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import world
+from sample import IMAGE_DEFAULT, Sampling, generate, load
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GREEDY = Sampling(0.0)
+
+
+def batched(items, size):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def answer_all(model, tok, prompts, images=None, cfg=1.0, seed=0, batch=64, max_new_tokens=None, image=IMAGE_DEFAULT):
+    """Greedy text, sampled codes (seeded): one answer per prompt, in order."""
+    c = model.config
+    budget = max_new_tokens or c.image_grid ** 2 + 48  # room for a sentence and one image
+    out = []
+    images = images or [[] for _ in prompts]
+    for k, chunk in enumerate(batched(list(zip(prompts, images)), batch)):
+        convs = [[{"role": "user", "content": p}] for p, _ in chunk]
+        out += generate(model, tok, convs, [ims for _, ims in chunk], max_new_tokens=budget, text=GREEDY,
+                        image=image, cfg=cfg, seed=seed + k)
+    return out
+
+
+def modality(ans):
+    has_text = any(isinstance(s, str) and s.strip() for s in ans.segments)
+    has_img = bool(ans.images)
+    return "text+image" if has_text and has_img else "image" if has_img else "text"
+
+
+def first_image(vq, ans):
+    from vqgan import decode_pil
+    return decode_pil(vq, ans.images[0][None])[0] if ans.images else None
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def eval_generation(model, tok, vq, n, cfg, seed, heldout=False):
+    items = world.geneval_prompts(n, seed, heldout=heldout)
+    answers = answer_all(model, tok, [it["prompt"] for it in items], cfg=cfg, seed=seed)
+    per = {}
+    for it, ans in zip(items, answers):
+        img = first_image(vq, ans)
+        per.setdefault(it["category"], []).append(img is not None and world.score_image(it["spec"], img))
+    acc = {k: sum(v) / len(v) for k, v in per.items()}
+    acc["overall"] = sum(acc.values()) / len(acc)  # GenEval's overall: the mean of the category scores
+    return acc
+
+
+def eval_scenes(model, tok, vq, n, cfg, seed):
+    items = world.scene_prompts(n, seed)
+    answers = answer_all(model, tok, [it["prompt"] for it in items], cfg=cfg, seed=seed)
+    ok = [(img := first_image(vq, a)) is not None and world.classify_scene(img) == it["scene"]
+          for it, a in zip(items, answers)]
+    return sum(ok) / len(ok)
+
+
+@torch.no_grad()
+def base_answers(model, tok, prompts, images, max_new_tokens=40, batch=64):
+    """Greedy text answers of the plain base MLLM (armor.InternVL: no ARMOR modules, its own LM head)."""
+    from data import encode_conversation
+    c, out = model.config, []
+    for chunk in batched(list(zip(prompts, images)), batch):
+        encs = [encode_conversation(tok, c, [{"role": "user", "content": p}], ims, add_generation_prompt=True)
+                for p, ims in chunk]
+        B, L = len(encs), max(len(e.ids) for e in encs)
+        ids = torch.full((B, L), tok.pad, dtype=torch.long)
+        pad = torch.tensor([L - len(e.ids) for e in encs])
+        for r, e in enumerate(encs):
+            ids[r, L - len(e.ids):] = torch.tensor(e.ids)
+        pixels = [e.pixels for e in encs if e.pixels is not None]
+        state = model.new_state(B, L + max_new_tokens, pad=pad)
+        h = model.extend(state, ids, torch.cat(pixels) if pixels else None)[:, -1]
+        gen, done = [[] for _ in range(B)], [False] * B
+        for _ in range(max_new_tokens):
+            logits = model.text_logits(h)
+            logits[:, c.img_context_id] = float("-inf")
+            nxt = logits.argmax(-1)
+            for r, t in enumerate(nxt.tolist()):
+                if not done[r]:
+                    done[r] = t == tok.im_end
+                    if not done[r]:
+                        gen[r].append(t)
+            if all(done):
+                break
+            h = model.extend(state, nxt[:, None])[:, -1]
+        out += [tok.decode(g, skip_special=True) for g in gen]
+    return out
+
+
+def eval_understanding(model, tok, items, is_base=False):
+    prompts, images = [it["prompt"] for it in items], [[it["image"]] for it in items]
+    if is_base:
+        texts = base_answers(model, tok, prompts, images)
+    else:
+        texts = [a.text for a in answer_all(model, tok, prompts, images, max_new_tokens=40)]
+    return sum(world.score_answer(it["spec"], t) for it, t in zip(items, texts)) / len(items)
+
+
+def eval_modality(model, tok, n, seed):
+    items = world.modality_set(n, seed)
+    answers = answer_all(model, tok, [it["prompt"] for it in items], [it["image"] for it in items], seed=seed)
+    per = {}
+    for it, ans in zip(items, answers):
+        per.setdefault(it["type"], []).append(modality(ans) == it["expected"])
+    acc = {k: sum(v) / len(v) for k, v in per.items()}
+    trained = [x for k, v in per.items() if k != "ti2ti" for x in v]
+    acc["overall"] = sum(trained) / len(trained)  # the four trained types; ti2ti reported on its own
+    return acc
+
+
+def eval_ti2ti(model, tok, vq, n, cfg, seed):
+    items = world.ti2ti_set(n, seed)
+    answers = answer_all(model, tok, [it["prompt"] for it in items], [[it["image"]] for it in items], cfg=cfg,
+                         seed=seed)
+    scores = [world.score_ti2ti(it["spec"], a.text.replace("<gen_image>", " "), first_image(vq, a))
+              for it, a in zip(items, answers)]
+    return {"text": sum(t for t, _ in scores) / n, "image": sum(i for _, i in scores) / n,
+            "both": sum(t and i for t, i in scores) / n,
+            "modality": sum(modality(a) == "text+image" for a in answers) / n}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def fmt(x):
+    return f"{x:.3f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "toy", "armor"), help="ARMOR checkpoint directory")
+    ap.add_argument("--base", help="the base InternVL directory (default: the checkpoint's own base)")
+    ap.add_argument("--stages", nargs="*", default=None,
+                    help="earlier-stage checkpoints to score for understanding (default: runs/toy/stage1, stage2 "
+                         "when they exist)")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: sample.py's)")
+    ap.add_argument("--cfg-sweep", help="comma-separated guidance scales: generation overall per scale")
+    ap.add_argument("--n", type=int, default=20, help="prompts per GenEval category")
+    ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (prompts and sampling)")
+    ap.add_argument("--quick", action="store_true", help="a few prompts per section")
+    ap.add_argument("--out", default=os.path.join(ROOT, "eval.md"), help="where the Markdown table goes")
+    args = ap.parse_args(argv)
+    import armor
+    import sample
+
+    torch.manual_seed(0)
+    try:
+        model, tok, vq = load(args.model, base=args.base)
+    except (armor.CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if vq is None:
+        sys.exit(f"error: {args.model} names no VQGAN; pass a checkpoint with one")
+    cfg = sample.DEFAULT_CFG if args.cfg is None else args.cfg
+    n = 3 if args.quick else args.n
+    t0 = time.time()
+
+    if args.cfg_sweep:
+        rows = ["| cfg | GenEval overall | held-out overall | scenes |", "|---|---|---|---|"]
+        for s in [float(x) for x in args.cfg_sweep.split(",")]:
+            g = eval_generation(model, tok, vq, n, s, args.seed)
+            h = eval_generation(model, tok, vq, n, s, args.seed, heldout=True)
+            sc = eval_scenes(model, tok, vq, max(1, n // 4), s, args.seed)
+            rows.append(f"| {s:g} | {fmt(g['overall'])} | {fmt(h['overall'])} | {fmt(sc)} |")
+            print(rows[-1], flush=True)
+        text = "\n".join(rows)
+        print(text)
+        with open(os.path.splitext(args.out)[0] + "_cfg_sweep.md", "w") as f:
+            f.write(text + "\n")
+        return
+
+    lines = [f"Toy-world evaluation of `{os.path.relpath(args.model, ROOT)}` (cfg {cfg:g}, seed {args.seed}, "
+             f"`python eval.py{' --quick' if args.quick else ''}`)", ""]
+    gen = eval_generation(model, tok, vq, n, cfg, args.seed)
+    held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
+    lines += ["| generation (GenEval-style) | " + " | ".join(world.CATEGORIES) + " | overall |",
+              "|---|" + "---|" * (len(world.CATEGORIES) + 1),
+              "| training compositions | " + " | ".join(fmt(gen[c]) for c in world.CATEGORIES) +
+              f" | **{fmt(gen['overall'])}** |",
+              "| held-out compositions | " + " | ".join(fmt(held[c]) if c in held else "-" for c in world.CATEGORIES)
+              + f" | **{fmt(held['overall'])}** |", ""]
+    print("\n".join(lines[-5:]), flush=True)
+    scenes = eval_scenes(model, tok, vq, max(1, n // 4), cfg, args.seed)
+
+    items = world.understanding_set(5 * n, args.seed)
+    base_dir = os.path.join(args.model, json.load(open(os.path.join(args.model, "config.json")))["base"]) \
+        if args.base is None else args.base
+    base = armor.from_internvl(base_dir, armor=False, verbose=False).eval()
+    und = {"base": eval_understanding(base, tok, items, is_base=True)}
+    del base
+    stages = args.stages
+    if stages is None:
+        stages = [p for p in (os.path.join(ROOT, "runs", "toy", f"stage{s}") for s in (1, 2))
+                  if os.path.exists(os.path.join(p, "config.json"))]
+    for s in stages:
+        m, _, _ = load(s)
+        und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, tok, items)
+        del m
+    und["final"] = eval_understanding(model, tok, items)
+    mod = eval_modality(model, tok, max(1, n // 2) * 2, args.seed)
+    ti = eval_ti2ti(model, tok, vq, 2 * n, cfg, args.seed)
+
+    lines += ["| measure | value |", "|---|---|",
+              f"| scene accuracy ({len(world.SCENES)} scenes) | **{fmt(scenes)}** |"]
+    for k, v in und.items():
+        lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
+                     (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")
+    lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
+    for k in world.MODALITY:
+        lines.append(f"| response modality, {k} | {fmt(mod[k])} |")
+    lines.append(f"| response modality, overall (t2t, ti2t, t2i, t2ti) | **{fmt(mod['overall'])}** |")
+    lines.append(f"| ti2ti (untrained): text right / image right / both / answered text+image | "
+                 f"{fmt(ti['text'])} / {fmt(ti['image'])} / {fmt(ti['both'])} / {fmt(ti['modality'])} |")
+    lines += ["", f"({time.time() - t0:.0f} s on {torch.get_num_threads()} threads)"]
+    text = "\n".join(lines)
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

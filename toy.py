@@ -1,0 +1,235 @@
+"""
+The toy world, built from nothing in one resumable command: the whole ARMOR recipe at laptop scale.
+
+No model hub is reachable here and ARMOR's data was never released, so the project trains its own small world
+(world.py: coloured shapes and twelve scenes at 64 px, conversations of the four types), and inside it:
+  1. data       world.py exports training conversations (JSONL + PNG) into --data
+  2. tokenizer  a byte-level BPE on the world's text (tokenizer.py), the way Qwen2's is built
+  3. vqgan      a small VQGAN (vqgan.py, Chameleon's architecture at toy width): 64 px -> 8x8 codes
+  4. codes      the VQ code cache of every output image (vqgan.py cache)
+  5. base       the "existing MLLM": InternViT + mlp1 + Qwen2-layout LLM at toy size, trained ONLY on
+                understanding (t2t, ti2t) with train.py --stage 0. It cannot draw.
+  6-8. WoHG     train.py --stage 1, 2, 3 on top of it: the paper's algorithm, unchanged
+  9. ship       fp16 copies into toy/ (vqgan, base + tokenizer, armor): what sample.py and eval.py use by default
+
+  python toy.py                    # everything; rerun after a kill and it continues where it stopped
+  python toy.py --from base        # redo from a step on (drops that step's outputs and the later ones)
+  python toy.py --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
+  python eval.py                   # then: the measured table of the README
+
+Each step is skipped when its output exists; the training steps resume from their own checkpoints (train.py --resume,
+vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for the measured times).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIP = os.path.join(ROOT, "toy")  # committed: toy/vqgan, toy/base (with tokenizer.json), toy/armor
+DATA = os.path.join(ROOT, "toy_data")  # generated, git-ignored
+RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
+
+# Records per type for the training sets (stage mixtures draw from these; t2i/t2ti are the generation data).
+N_RECORDS = {"t2t": 4000, "ti2t": 20000, "t2i": 20000, "t2ti": 8000}
+VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
+VQ_STEPS, VQ_BATCH = 3000, 8
+# (steps, batch, lr, warmup) per train.py stage
+TRAIN = {0: (3000, 32, 2e-3, 100), 1: (300, 32, 1e-3, 30), 2: (3000, 32, 1e-3, 100), 3: (300, 32, 3e-4, 30)}
+QUICK = {"records": 64, "vq_steps": 20, "train_steps": 4}
+
+
+def toy_config():
+    """The toy base MLLM: InternVL2.5's architecture (InternViT, pixel shuffle, mlp1, Qwen2 LLM) at toy size.
+    64 px single-tile images, 8 px patches -> 8x8 patches -> 4x4 = 16 <IMG_CONTEXT> tokens per image."""
+    import armor
+    return armor.PRESETS["toy"]()
+
+
+def paths(data=DATA, runs=RUNS, ship=SHIP):
+    return dict(data=data, runs=runs, ship=ship, codes=os.path.join(data, "codes"),
+                vq_run=os.path.join(runs, "vqgan"), tok=os.path.join(runs, "tokenizer"),
+                base=os.path.join(runs, "base"), stage={s: os.path.join(runs, f"stage{s}") for s in (1, 2, 3)})
+
+
+def _data_args(p, stage):
+    from data import STAGE_MIX
+    return [f"{t}={os.path.join(p['data'], f'{t}_train.jsonl')}" for t in STAGE_MIX[stage]]
+
+
+def toy_defaults(stage):
+    """train.py's defaults with no data or model arguments (issue 4, item 7): the toy world's data, and the shipped
+    toy checkpoints as the starting point. The data is exported (and its codes cached with the shipped VQGAN) on
+    first use; a later stage starts from the earlier stage's output when there is one."""
+    p = paths()
+    if not os.path.exists(os.path.join(SHIP, "armor", "config.json")):
+        raise SystemExit(f"error: the toy checkpoints are missing from {SHIP}; build them with `python toy.py`")
+    make_data(p, N_RECORDS)
+    make_codes(p, os.path.join(SHIP, "vqgan"))
+    steps, batch, lr, warmup = TRAIN[stage]
+    out = dict(data=_data_args(p, stage), codes=p["codes"], out=os.path.join("out", f"toy_stage{stage}"),
+               steps=steps, batch_size=batch, lr=lr, warmup=warmup)
+    if stage == 0:
+        out.update(preset="toy", tokenizer=os.path.join(SHIP, "base"))
+    elif stage == 1:
+        out["base"] = os.path.join(SHIP, "base")
+    else:
+        prev = os.path.join("out", f"toy_stage{stage - 1}")
+        out["init"] = prev if os.path.exists(os.path.join(prev, "config.json")) else os.path.join(SHIP, "armor")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the steps
+
+
+def make_data(p, n_records, seed=0):
+    import world
+    os.makedirs(p["data"], exist_ok=True)
+    for kind, n in n_records.items():
+        if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
+            world.write_dataset(world.make_mixture(kind, n, seed, "train"), p["data"], f"{kind}_train")
+
+
+def make_tokenizer(p, vocab=VOCAB):
+    """A Qwen2-style byte-level BPE trained on every text of the training sets (prompts, answers, system text)."""
+    from tokenizer import Tokenizer
+    if os.path.exists(os.path.join(p["tok"], "tokenizer.json")):
+        return
+    texts = []
+    for kind in N_RECORDS:
+        with open(os.path.join(p["data"], f"{kind}_train.jsonl")) as f:
+            for line in f:
+                texts += [t["value"] for t in json.loads(line)["conversations"]]
+    Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
+
+
+def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH):
+    """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
+    import random
+
+    import vqgan
+    import world
+    if os.path.exists(os.path.join(p["vq_run"], "model.safetensors")):
+        return
+
+    def at(step):  # the batch of a step, independent of history, so a resumed run sees the same images
+        rng = random.Random(f"vqgan/{step}")
+        pics = []
+        for _ in range(batch):
+            if rng.random() < 0.5:
+                pics.append(world.scene_picture(rng.choice(list(world.SCENES)), rng))
+            else:
+                pics.append(world.random_objects(rng))
+        return torch.stack([vqgan.preprocess(world.render(pic), world.SIZE) for pic in pics])
+
+    vqgan.train_vqgan(vqgan.VQGANConfig.toy(), at, steps, out_dir=p["vq_run"])
+
+
+def make_codes(p, vq_dir):
+    import vqgan
+    if os.path.exists(os.path.join(p["codes"], "meta.json")) and _cache_complete(p):
+        return
+    model = vqgan.load_vqgan(vq_dir)
+    srcs = [os.path.join(p["data"], f"{t}_train.jsonl") for t in ("t2i", "t2ti")]
+    vqgan.build_cache(model, srcs, p["codes"], size=64, batch=64, vqgan_path=vq_dir)
+
+
+def _cache_complete(p):
+    with open(os.path.join(p["codes"], "meta.json")) as f:
+        meta = json.load(f)
+    return meta.get("complete", True)
+
+
+def train(stage, p, extra=(), quick=False):
+    """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt)."""
+    steps, batch, lr, warmup = TRAIN[stage]
+    if quick:
+        steps, batch, warmup = QUICK["train_steps"], 4, 1
+    out = p["base"] if stage == 0 else p["stage"][stage]
+    if os.path.exists(os.path.join(out, "model.safetensors")) and not os.path.exists(os.path.join(out, ".running")):
+        return
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, ".running"), "w").close()
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
+           "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
+           "--save-every", "200", "--device", "cpu", "--dtype", "float32"]
+    for d in _data_args(p, stage):
+        cmd += ["--data", d]
+    if stage == 0:
+        cmd += ["--preset", "toy", "--tokenizer", p["tok"]]
+    else:
+        cmd += ["--codes", p["codes"]]
+        cmd += ["--base", p["base"]] if stage == 1 else ["--init", p["stage"][stage - 1]]
+    cmd += list(extra)
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
+    os.remove(os.path.join(out, ".running"))
+
+
+def ship(p):
+    """fp16 copies of the trained tokenizer, VQGAN, base and ARMOR into the shipped folder (toy/ in the repo):
+    half the bytes of fp32, and the evaluation runs on exactly these weights."""
+    import armor
+    import vqgan
+    from tokenizer import Tokenizer
+    s = p["ship"]
+    vq = vqgan.load_vqgan(p["vq_run"]).half()
+    vqgan.save_vqgan(vq, os.path.join(s, "vqgan"))
+    base = armor.from_internvl(p["base"], armor=False, dtype=torch.float16, verbose=False)
+    armor.save_internvl(base, os.path.join(s, "base"))
+    Tokenizer.from_dir(p["tok"]).save(os.path.join(s, "base"))
+    model = armor.from_pretrained(p["stage"][3], dtype=torch.float16, base=os.path.join(s, "base"), verbose=False)
+    armor.save_pretrained(model, os.path.join(s, "armor"), base=os.path.join(s, "base"),
+                          vqgan=os.path.join(s, "vqgan"))
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s) for f in fs)
+    print(f"shipped the toy world into {s}: {total / 1e6:.1f} MB")
+
+
+STEPS = ("data", "tokenizer", "vqgan", "codes", "base", "stage1", "stage2", "stage3", "ship")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DATA, help="where the generated conversations and code cache go")
+    ap.add_argument("--runs", default=RUNS, help="where training outputs go")
+    ap.add_argument("--ship", default=SHIP, help="where the shipped fp16 checkpoints go")
+    ap.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
+    ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
+    args = ap.parse_args(argv)
+    p = paths(args.data, args.runs, args.ship)
+    if args.start:  # forget the outputs of this step and the later ones
+        order = {"data": [p["data"]], "tokenizer": [p["tok"]], "vqgan": [p["vq_run"]], "codes": [p["codes"]],
+                 "base": [p["base"]], "stage1": [p["stage"][1]], "stage2": [p["stage"][2]],
+                 "stage3": [p["stage"][3]], "ship": []}
+        for step in STEPS[STEPS.index(args.start):]:
+            for d in order[step]:
+                shutil.rmtree(d, ignore_errors=True)
+    n = {k: QUICK["records"] for k in N_RECORDS} if args.quick else N_RECORDS
+    t0 = time.time()
+    timings = {}
+
+    def timed(name, fn, *a, **kw):
+        t = time.time()
+        print(f"== toy: {name}", flush=True)
+        fn(*a, **kw)
+        timings[name] = time.time() - t
+
+    timed("data", make_data, p, n)
+    timed("tokenizer", make_tokenizer, p)
+    timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS)
+    timed("codes", make_codes, p, p["vq_run"])
+    for stage in (0, 1, 2, 3):
+        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)
+    timed("ship", ship, p)
+    print("toy: done in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
