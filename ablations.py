@@ -38,7 +38,7 @@ def run(name, stage, start, steps, extra=()):
     _, batch, lr, warmup = toy.TRAIN[stage]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
            "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(min(warmup, steps // 10)),
-           "--save-every", "200", "--device", "cpu", "--dtype", "float32", "--codes", p["codes"],
+           "--save-every", "200", "--device", "cpu", "--dtype", toy._amp(), "--codes", p["codes"],
            f"--{start[0]}", start[1]]
     for d in toy._data_args(p, stage if stage else 3):
         cmd += ["--data", d]
@@ -104,8 +104,17 @@ def understanding(run_dir, items):
     return ev.eval_understanding(model, tok, items)
 
 
-def stage1(steps):
-    return run("stage1", 1, ("base", os.path.join(toy.SHIP, "base")), steps)
+def wohg(*steps):
+    """The WoHG chain from the shipped base: stage 1 for steps[0], then stage 2, then stage 3 as given. Runs are
+    named by their whole history (wohg_100_300 = stage 2 of 300 steps after stage 1 of 100), so arms share them."""
+    out = None
+    for i, n in enumerate(steps):
+        name = "wohg_" + "_".join(map(str, steps[:i + 1]))
+        out = run(name, i + 1, ("base", os.path.join(toy.SHIP, "base")) if i == 0 else ("init", out), n)
+    return out
+
+
+STAGE1 = 100  # the stage-1 run under the stage-2 arms (it only trains the text head and the new rows)
 
 
 def write(name, text):
@@ -116,11 +125,28 @@ def write(name, text):
     print(f"wrote {path}")
 
 
+def compare(name, title, arms, n=None):
+    """Stage-2 image-loss curves of the arms ({label: run dir}) -> name.png, and a table -> name.md (the mean of the
+    last 50 steps, the loss at a quarter of the run, and with n the GenEval-style overall of each arm)."""
+    curves = {label: curve(d, "loss_img") for label, d in arms.items()}
+    steps = len(next(iter(curves.values())))
+    plot({label: smooth(c) for label, c in curves.items()}, os.path.join(OUT, f"{name}.png"),
+         f"{title}: stage-2 image loss, toy world ({steps} steps, same data)")
+    head = "| stage 2 | image loss, last 50 steps | image loss at 25% of the steps |" + (" GenEval-style overall |" if n
+                                                                                      else "")
+    rows = [head, "|---|---|---|" + ("---|" if n else "")]
+    for label, c in curves.items():
+        last = sum(v for _, v in c[-50:]) / len(c[-50:])
+        rows.append(f"| {label} | {last:.3f} | {c[len(c) // 4][1]:.3f} |" + (f" {geneval(arms[label], n):.3f} |"
+                                                                            if n else ""))
+    write(f"{name}.md", "\n".join(rows))
+
+
 def switching(steps):
-    s1 = stage1(max(steps // 4, 50))
+    s1 = wohg(STAGE1)
     # the "Normal" model of Section 4.4: the same network, but its stage-1 checkpoint is marked to score image
     # targets with one softmax over the whole vocabulary (ArmorConfig.forward_switching = False)
-    normal = os.path.join(OUT, "stage1_one_head")
+    normal = os.path.join(OUT, f"wohg_{STAGE1}_one_head")
     if not os.path.exists(os.path.join(normal, "config.json")):
         shutil.copytree(s1, normal, dirs_exist_ok=True)
         with open(os.path.join(normal, "config.json")) as f:
@@ -128,39 +154,25 @@ def switching(steps):
         meta["armor"]["forward_switching"] = False  # "base" is relative and both folders sit side by side
         with open(os.path.join(normal, "config.json"), "w") as f:
             json.dump(meta, f, indent=2)
-    a = run("s2_switching", 2, ("init", s1), steps)
-    b = run("s2_one_head", 2, ("init", normal), steps)
-    ca, cb = curve(a, "loss_img"), curve(b, "loss_img")
-    plot({"forward switching (two heads)": smooth(ca), "one head over the whole vocabulary": smooth(cb)},
-         os.path.join(OUT, "switching.png"), f"Stage-2 image loss, toy world ({steps} steps, same data)")
-    last = lambda c: sum(v for _, v in c[-50:]) / len(c[-50:])
-    write("switching.md", "| stage 2 | image loss, last 50 steps | image loss at 25% of the steps |\n|---|---|---|\n"
-          f"| forward switching | {last(ca):.3f} | {ca[len(ca) // 4][1]:.3f} |\n"
-          f"| one shared head | {last(cb):.3f} | {cb[len(cb) // 4][1]:.3f} |")
+    compare("switching", "Forward switching (Figure 7)",
+            {"forward switching (two heads)": wohg(STAGE1, steps),
+             "one head over the whole vocabulary": run(f"one_head_{STAGE1}_{steps}", 2, ("init", normal), steps)})
 
 
 def embeddings(steps, n):
-    s1 = stage1(max(steps // 4, 50))
-    a = run("s2_with_embeddings", 2, ("init", s1), steps)
-    b = run("s2_without_embeddings", 2, ("init", s1), steps, ["--train", "adapter,visual_head"])
-    ca, cb = curve(a, "loss_img"), curve(b, "loss_img")
-    plot({"new embedding rows trainable (WoHG)": smooth(ca), "adapter + visual head only": smooth(cb)},
-         os.path.join(OUT, "embeddings.png"), f"Stage-2 image loss, toy world ({steps} steps)")
-    last = lambda c: sum(v for _, v in c[-50:]) / len(c[-50:])
-    write("embeddings.md", "| stage 2 trains | image loss, last 50 steps | GenEval-style overall |\n|---|---|---|\n"
-          f"| new rows + adapter + visual head (WoHG) | {last(ca):.3f} | {geneval(a, n):.3f} |\n"
-          f"| adapter + visual head | {last(cb):.3f} | {geneval(b, n):.3f} |")
+    compare("embeddings", "New embedding rows in stage 2 (Section 6.3)",
+            {"new rows + adapter + visual head (WoHG)": wohg(STAGE1, steps),
+             "adapter + visual head only": run(f"no_new_rows_{STAGE1}_{steps}", 2, ("init", wohg(STAGE1)), steps,
+                                               ["--train", "adapter,visual_head"])}, n)
 
 
 def single_stage(steps, n):
     import eval as ev
     import world
     third = max(steps // 3, 50)
-    s1 = stage1(third)
-    s2 = run("s2_with_embeddings", 2, ("init", s1), third)
-    s3 = run("wohg_stage3", 3, ("init", s2), third)
-    one = run("single_stage", 3, ("base", os.path.join(toy.SHIP, "base")), 3 * third,
-              ["--train", "embed_new,text_head,adapter,visual_head"])
+    s3 = wohg(third, third, third)
+    one = run(f"single_stage_{3 * third}", 3, ("base", os.path.join(toy.SHIP, "base")), 3 * third,
+              ["--train", "all"])
     items = world.understanding_set(5 * n, 1234)
     import armor
     import sample

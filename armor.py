@@ -799,15 +799,16 @@ def param_groups(model: Armor):
 
 
 def set_trainable(model: Armor, stage=None, groups=None):
-    """Freeze everything, then unfreeze the groups of a WoHG stage (or an explicit list, for ablations).
+    """Freeze everything, then unfreeze the groups of a WoHG stage (or an explicit list, for ablations; "all"
+    unfreezes the whole model, vision encoder and decoder layers included: the paper's single-stage baseline).
     Returns the trainable parameter count."""
     groups = STAGE_GROUPS[stage] if groups is None else tuple(groups)
     table = param_groups(model)
-    unknown = set(groups) - set(table)
+    unknown = set(groups) - set(table) - {"all"}
     if unknown:
-        raise ValueError(f"unknown parameter groups {sorted(unknown)}; choose from {sorted(table)}")
-    model.requires_grad_(False)
-    for g in groups:
+        raise ValueError(f"unknown parameter groups {sorted(unknown)}; choose from {sorted(table) + ['all']}")
+    model.requires_grad_("all" in groups)  # "all": every tensor, base included (the single-stage ablation only)
+    for g in set(groups) - {"all"}:
         for p in table[g]:
             p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1231,8 +1232,14 @@ def describe(name, cfg: ArmorConfig):
     print(f"  ARMOR adds {_count(m.armor):,} new parameters ({_count(m.armor) / base:.1%} of the base): "
           f"new embedding rows {groups['embed_new']:,}, <imgbos> row {m.armor.imgbos_head.weight.numel():,}, "
           f"adapter {groups['adapter']:,} ({cfg.num_adapter_layers} blocks), visual head {groups['visual_head']:,}")
+    total = _count(m)
     for s, gs in STAGE_GROUPS.items():
-        print(f"  WoHG stage {s}: trainable {sum(groups[g] for g in gs):,} ({' + '.join(gs)})")
+        n = sum(groups[g] for g in gs)
+        # train.py keeps weights in fp32 under bf16 autocast; AdamW holds two fp32 moments per trainable tensor
+        gb = (4 * total + (4 + 8) * n) / 2 ** 30
+        print(f"  WoHG stage {s}: trainable {n:,} ({' + '.join(gs)}); weights + grads + AdamW {gb:.1f} GiB "
+              f"before activations")
+    print(f"  sampling in bf16: weights {2 * total / 2 ** 30:.1f} GiB")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know whe
 
   python eval.py                                  # toy/armor vs toy/base -> one Markdown table, also eval.md
   python eval.py --model runs/toy/stage3 --stages runs/toy/stage1 runs/toy/stage2   # understanding per stage
-  python eval.py --cfg-sweep 1,2,3,4,6            # the guidance sweep behind sample.py's default --cfg
+  python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the guidance sweep behind sample.py's default --cfg
   python eval.py --quick                          # fewer prompts (a smoke run)
+  python eval.py --gallery figures/gallery.png    # a captioned sheet of the model's own drawings
 
 Sections (prompts are seeded; world.py holds the prompt sets and the rule-based judges, validated in its tests):
   generation    GenEval's six categories on the object world (single object, two objects, counting, colours,
@@ -30,6 +31,7 @@ from sample import IMAGE_DEFAULT, Sampling, generate, load
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GREEDY = Sampling(0.0)
+DEFAULT_MODEL = os.path.join(ROOT, "toy", "armor")
 
 
 def batched(items, size):
@@ -149,6 +151,36 @@ def eval_ti2ti(model, tok, vq, n, cfg, seed):
             "modality": sum(modality(a) == "text+image" for a in answers) / n}
 
 
+GALLERY = ["Draw an aurora.", "Draw a sunset over the sea.", "Draw a tropical rainforest.", "Draw snowy mountains.",
+           "Draw a teddy bear.", "Draw chocolate chip cookies on a rack.",
+           "What does the Southern Hemisphere look like in June? Draw it.", "Draw a river with green banks."]
+
+
+def gallery(model, tok, vq, cfg, seed, path, n_objects=8):
+    """A captioned sheet of the model's own answers: scene requests, GenEval-style prompts, held-out compositions
+    (marked), each caption the prompt and the text part of the answer."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+    prompts = [(p, "") for p in GALLERY]
+    prompts += [(it["prompt"], "") for it in world.geneval_prompts(2, seed)[::3][:n_objects // 2]]
+    prompts += [(it["prompt"], "held out: ") for it in world.geneval_prompts(2, seed, heldout=True)[:n_objects // 2]]
+    answers = answer_all(model, tok, [p for p, _ in prompts], cfg=cfg, seed=seed)
+    cols, tw, th = 8, 140, 200
+    sheet = Image.new("RGB", (cols * tw, -(-len(prompts) // cols) * th), "white")
+    d = ImageDraw.Draw(sheet)
+    for i, ((p, tag), a) in enumerate(zip(prompts, answers)):
+        x, y = (i % cols) * tw + 6, (i // cols) * th + 4
+        img = first_image(vq, a)
+        if img is not None:
+            sheet.paste(img.resize((128, 128), Image.NEAREST), (x, y))
+        said = " ".join(s.strip() for s in a.segments if isinstance(s, str) and s.strip())
+        caption = tag + p + (f" -> {said}" if said else "")
+        d.multiline_text((x, y + 131), "\n".join(textwrap.wrap(caption, 24)[:5]), fill="black", spacing=1)
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
 # -----------------------------------------------------------------------------------------------------------------
 
 
@@ -158,17 +190,18 @@ def fmt(x):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "toy", "armor"), help="ARMOR checkpoint directory")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="ARMOR checkpoint directory")
     ap.add_argument("--base", help="the base InternVL directory (default: the checkpoint's own base)")
     ap.add_argument("--stages", nargs="*", default=None,
-                    help="earlier-stage checkpoints to score for understanding (default: runs/toy/stage1, stage2 "
-                         "when they exist)")
+                    help="earlier-stage checkpoints to score for understanding (default, for the shipped model: "
+                         "runs/toy/stage1 and stage2 when they exist)")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: sample.py's)")
     ap.add_argument("--cfg-sweep", help="comma-separated guidance scales: generation overall per scale")
     ap.add_argument("--n", type=int, default=20, help="prompts per GenEval category")
     ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (prompts and sampling)")
     ap.add_argument("--quick", action="store_true", help="a few prompts per section")
     ap.add_argument("--out", default=os.path.join(ROOT, "eval.md"), help="where the Markdown table goes")
+    ap.add_argument("--gallery", help="only write a captioned sheet of the model's drawings to this PNG")
     args = ap.parse_args(argv)
     import armor
     import sample
@@ -184,6 +217,8 @@ def main(argv=None):
     n = 3 if args.quick else args.n
     t0 = time.time()
 
+    if args.gallery:
+        return gallery(model, tok, vq, cfg, args.seed, args.gallery)
     if args.cfg_sweep:
         rows = ["| cfg | GenEval overall | held-out overall | scenes |", "|---|---|---|---|"]
         for s in [float(x) for x in args.cfg_sweep.split(",")]:
@@ -218,12 +253,12 @@ def main(argv=None):
     und = {"base": eval_understanding(base, tok, items, is_base=True)}
     del base
     stages = args.stages
-    if stages is None:
+    if stages is None and os.path.samefile(args.model, DEFAULT_MODEL):  # the shipped model: the pipeline's stages
         stages = [p for p in (os.path.join(ROOT, "runs", "toy", f"stage{s}") for s in (1, 2))
                   if os.path.exists(os.path.join(p, "config.json"))]
-    for s in stages:
-        m, _, _ = load(s)
-        und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, tok, items)
+    for s in stages or []:
+        m, stok, _ = load(s)
+        und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, stok, items)
         del m
     und["final"] = eval_understanding(model, tok, items)
     mod = eval_modality(model, tok, max(1, n // 2) * 2, args.seed)
@@ -234,7 +269,10 @@ def main(argv=None):
     for k, v in und.items():
         lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")
-    lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
+    if und["base"]:
+        lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
+    else:
+        lines.append("| understanding retention, final / base | - (the base answers nothing right) |")
     for k in world.MODALITY:
         lines.append(f"| response modality, {k} | {fmt(mod[k])} |")
     lines.append(f"| response modality, overall (t2t, ti2t, t2i, t2ti) | **{fmt(mod['overall'])}** |")

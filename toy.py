@@ -37,11 +37,18 @@ DATA = os.path.join(ROOT, "toy_data")  # generated, git-ignored
 RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
 
 # Records per type for the training sets (stage mixtures draw from these; t2i/t2ti are the generation data).
-N_RECORDS = {"t2t": 4000, "ti2t": 20000, "t2i": 20000, "t2ti": 8000}
+N_RECORDS = {"t2t": 3000, "ti2t": 12000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
-VQ_STEPS, VQ_BATCH = 3000, 8
+VQ_STEPS, VQ_BATCH = 2000, 8
 # (steps, batch, lr, warmup) per train.py stage
-TRAIN = {0: (3000, 32, 2e-3, 100), 1: (300, 32, 1e-3, 30), 2: (3000, 32, 1e-3, 100), 3: (300, 32, 3e-4, 30)}
+TRAIN = {0: (400, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (900, 32, 1.5e-3, 50), 3: (150, 32, 3e-4, 15)}
+
+
+def _amp():
+    """bf16 autocast where the CPU has native bf16 matmuls (AVX512-BF16/AMX: 1.4x faster training measured on the
+    2-core EPYC), fp32 elsewhere."""
+    ok = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return "bfloat16" if ok else "float32"
 QUICK = {"records": 64, "vq_steps": 20, "train_steps": 4}
 
 
@@ -60,7 +67,9 @@ def paths(data=DATA, runs=RUNS, ship=SHIP):
 
 def _data_args(p, stage):
     from data import STAGE_MIX
-    return [f"{t}={os.path.join(p['data'], f'{t}_train.jsonl')}" for t in STAGE_MIX[stage]]
+    # the base (stage 0) reads its own t2t pool: t2t plus draw requests answered in words (world.base_text_mixture)
+    name = lambda t: "base_t2t" if stage == 0 and t == "t2t" else t
+    return [f"{t}={os.path.join(p['data'], f'{name(t)}_train.jsonl')}" for t in STAGE_MIX[stage]]
 
 
 def toy_defaults(stage):
@@ -95,6 +104,9 @@ def make_data(p, n_records, seed=0):
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
             world.write_dataset(world.make_mixture(kind, n, seed, "train"), p["data"], f"{kind}_train")
+    if not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
+        n = n_records["t2t"] * 2
+        world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
 
 
 def make_tokenizer(p, vocab=VOCAB):
@@ -159,7 +171,7 @@ def train(stage, p, extra=(), quick=False):
     open(os.path.join(out, ".running"), "w").close()
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
            "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
-           "--save-every", "200", "--device", "cpu", "--dtype", "float32"]
+           "--save-every", "100", "--device", "cpu", "--dtype", _amp()]
     for d in _data_args(p, stage):
         cmd += ["--data", d]
     if stage == 0:
@@ -186,8 +198,9 @@ def ship(p):
     armor.save_internvl(base, os.path.join(s, "base"))
     Tokenizer.from_dir(p["tok"]).save(os.path.join(s, "base"))
     model = armor.from_pretrained(p["stage"][3], dtype=torch.float16, base=os.path.join(s, "base"), verbose=False)
-    armor.save_pretrained(model, os.path.join(s, "armor"), base=os.path.join(s, "base"),
-                          vqgan=os.path.join(s, "vqgan"))
+    # relative paths (from here): config.json then names ../base and ../vqgan, so the folder works from any clone
+    armor.save_pretrained(model, os.path.join(s, "armor"), base=os.path.relpath(os.path.join(s, "base")),
+                          vqgan=os.path.relpath(os.path.join(s, "vqgan")))
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s) for f in fs)
     print(f"shipped the toy world into {s}: {total / 1e6:.1f} MB")
 

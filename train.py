@@ -72,7 +72,7 @@ def build_parser():
     a.add_argument("--alpha", type=float, help="text loss weight (default: the stage's)")
     a.add_argument("--beta", type=float, help="image loss weight (default: the stage's)")
     a.add_argument("--train", help="comma list of trainable groups instead of the stage's: embed_new, text_head, "
-                                   "adapter, visual_head")
+                                   "adapter, visual_head; or all (every tensor: the single-stage ablation)")
     a.add_argument("--vqgan", help="VQGAN (load_vqgan path): encodes output images missing from --codes")
     a.add_argument("--codes", help="VQ code cache directory (python vqgan.py cache ...)")
     for f in ARMOR_FIELDS:
@@ -637,7 +637,11 @@ def train(args, ddp, rank, world, device, master, log):
     # --- final model -----------------------------------------------------------------------------------------------
     if master:
         if is_armor:
-            armor.save_pretrained(model, args.out, base=base_dir)
+            # a partial checkpoint holds ARMOR's tensors and the LM head; when other base tensors were trained
+            # (--train all) the whole model is written
+            touched = any(p.requires_grad for k, p in model.named_parameters()
+                          if not k.startswith("armor.") and k not in armor.PARTIAL_BASE_KEYS)
+            armor.save_pretrained(model, args.out, base=None if touched else base_dir)
             for fn in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(tok_dir, fn)):
                     shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(args.out, fn))

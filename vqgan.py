@@ -807,9 +807,18 @@ def _restart_dead_codes(model, opt, usage, z):
     if len(dead) == 0:
         return
     zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, embed_dim) recent encoder outputs
-    pick = torch.randint(len(zf), (len(dead),))
     emb = model.quantize.embedding.weight
-    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(len(dead), zf.shape[1])
+    # Re-seed only where the codebook serves the batch badly: the worst-quantised outputs (top 5% and above twice the
+    # mean error). Seeding from random outputs spent dead codes on the most frequent patches (flat background),
+    # splitting them into near-duplicate codes picked by context: H(code | 8x8 pixel patch) was 4.0 nats on toy
+    # drawings, which a generator then has to model.
+    err = torch.cdist(zf, emb).min(1).values
+    cand = (err > max(2 * err.mean().item(), err.quantile(0.95).item())).nonzero().flatten()
+    k = min(len(dead), len(cand))
+    if k == 0:
+        return
+    pick, dead = cand[torch.randperm(len(cand))[:k]], dead[:k]
+    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(k, zf.shape[1])
     st = opt.state.get(emb)
     if st:  # forget the Adam moments of the re-seeded rows
         st["exp_avg"][dead] = 0

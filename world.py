@@ -631,21 +631,33 @@ def score_image(spec, img) -> bool:
 TYPES = ("t2t", "ti2t", "t2i", "t2ti")  # the four trained types; ti2ti emerges (Section 6.2.1)
 MODALITY = {"t2t": "text", "ti2t": "text", "t2i": "image", "t2ti": "text+image", "ti2ti": "text+image"}
 
+# Requests are frames x verbs, so the held-out phrasings are new combinations of words the world does use (a toy
+# model cannot know what a word it never met means): the pairs with (frame + verb) % 6 == 2 are held out.
+FRAMES = ("Please {v} {x}.", "Could you {v} {x}?", "Can you help me {v} {x}?", "{V} {x}.",
+          "I would like you to {v} {x}.", "Would you {v} {x}, please?")
+DRAW_VERBS = ("draw", "paint", "sketch", "create an image of", "show me a picture of", "generate an image of")
+DESCRIBE_VERBS = ("describe", "tell me about", "explain", "give me a description of", "tell me in words about",
+                  "talk about")
+
+
+def _compose(verbs):
+    """(training phrasings, held-out phrasings) of every frame with every verb; "{}" is the object."""
+    pairs = [((i + j) % 6 == 2, f.format(v=v, V=v[0].upper() + v[1:], x="{}"))
+             for i, f in enumerate(FRAMES) for j, v in enumerate(verbs)]
+    return [t for held, t in pairs if not held], [t for held, t in pairs if held]
+
+
 # (training phrasings, held-out phrasings). Held-out ones never reach training; the modality test asks with them.
 TEMPLATES = {
-    "draw": (["Please draw {}.", "Please draw an image of {} for me.", "Could you generate an image of {}?",
-              "Can you help me draw a picture of {}?", "Paint {}.", "Show me a picture of {}.", "Draw {}.",
-              "Create an image of {}."],
-             ["Sketch {} for me, please.", "I would love to see a picture of {}."]),
+    "draw": _compose(DRAW_VERBS),
     "just_draw": (["{} Just draw it.", "{} Answer with a picture only.", "{} Show me in a picture, no words needed."],
-                  ["{} Reply with an image alone."]),
+                  ["{} Just answer with a picture."]),
     "ask_and_draw": (["{} Can you draw an image about it for me?", "{} Can you draw an image to depict it for me?",
                       "{} Please explain, and draw it.", "{} Tell me, and paint a picture of it too."],
-                     ["{} Describe it and also make an illustration."]),
+                     ["{} Explain it, and sketch it too."]),
     "fact_and_draw": (["{} Draw {} for me.", "{} Also, please draw {}.", "{} Then paint {}."],
-                      ["{} After that, sketch {}."]),
-    "describe": (["What does {} look like?", "Describe {}.", "Tell me about {}.", "What can you see in {}?"],
-                 ["Could you tell me in words what {} is like?"]),
+                      ["{} Then sketch {} for me."]),
+    "describe": _compose(DESCRIBE_VERBS),
     "q_colour": (["What colour is the {}?", "Which colour does the {} have?"], ["Tell me the colour of the {}."]),
     "q_count": (["How many {}s are there?", "Count the {}s in the picture."], ["What is the number of {}s here?"]),
     "q_total": (["How many objects are there?", "How many shapes are in the picture?"],
@@ -686,6 +698,15 @@ NOT_IN_WORLD = ("athletes exercising", "a busy city street", "a cat sleeping on 
 def _pick(rng, key, tpl):
     train, held = TEMPLATES[key]
     return rng.choice(train if tpl == "train" else held)
+
+
+def _casual(rng, text):
+    """People type "draw an aurora": a lower-case start (p 0.3) and no final full stop or question mark (p 0.3)."""
+    if rng.random() < 0.3:
+        text = text[0].lower() + text[1:]
+    if rng.random() < 0.3:
+        text = text.rstrip(".?")
+    return text
 
 
 def _is(n, noun):
@@ -837,11 +858,36 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
         images, out, human, gpt = [pic], [new], f"<image>\n{q} {like}", f"{a}\n<gen_image>"
     else:
         raise ValueError(f"unknown conversation type {kind!r}; expected one of {TYPES + ('ti2ti',)}")
+    if tpl == "train" and kind in ("t2t", "t2i", "t2ti"):
+        human = _casual(rng, human)
     return {"id": rid, "type": kind,
             "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}],
             "image": [render(p) for p in images], "out_images": [render(p) for p in out],
             "meta": {"compositions": comp, "templates": tpl, "answer_spec": answer_spec, "image_spec": image_spec,
                      "pictures": {"in": [asdict(p) for p in images], "out": [asdict(p) for p in out]}}}
+
+
+CANNOT_DRAW = "I can read pictures, but I cannot draw them."
+
+
+def base_text_mixture(n, seed, refusals=0.3) -> list:
+    """The base MLLM's text data: t2t records, and (a share `refusals`) the requests of t2i and t2ti records answered
+    the way a read-only MLLM answers them: in words, saying it cannot draw. A real InternVL2.5 has met countless
+    "draw ..." requests; without these the toy base never learns that the verb matters, its hidden states do not
+    tell "draw an aurora" from "describe an aurora", and WoHG's stage 1 (which trains only the heads and the new
+    rows on top of the frozen LLM) cannot learn when to start an image. Used for stage 0 only."""
+    rng = random.Random(f"base-t2t/{seed}")
+    out = []
+    for i in range(n):
+        if rng.random() >= refusals:
+            out.append(make_record("t2t", rng, rid=f"base-t2t-{seed}-{i}"))
+            continue
+        rec = make_record(rng.choice(("t2i", "t2ti")), rng, rid=f"base-refusal-{seed}-{i}")
+        said = rec["conversations"][1]["value"].replace("<gen_image>", "").strip()
+        rec["conversations"][1]["value"] = f"{said} {CANNOT_DRAW}".strip()
+        rec.update(type="t2t", out_images=[])
+        out.append(rec)
+    return out
 
 
 def make_mixture(kind, n, seed, split="train") -> list:

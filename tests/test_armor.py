@@ -331,6 +331,8 @@ def test_set_trainable_groups_are_disjoint_and_frozen_base():
     assert set(seen) | base == {id(p) for p in m.parameters()}  # every ARMOR tensor is in some group
     with pytest.raises(ValueError, match="unknown parameter groups"):
         armor.set_trainable(m, groups=["embed_new", "decoder"])
+    assert armor.set_trainable(m, groups=["all"]) == sum(p.numel() for p in m.parameters())  # the ablation's set
+    assert armor.set_trainable(m, 1) < sum(p.numel() for p in m.parameters())
 
 
 # --- the loss --------------------------------------------------------------------------------------------------------

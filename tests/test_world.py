@@ -181,20 +181,23 @@ def _heldout_text_patterns():
     return re.compile("|".join(pats), re.IGNORECASE)
 
 
-def _heldout_template_pieces():
-    """The longest literal piece of every held-out template."""
-    return [max(re.split(r"\{\}", t), key=len).strip() for _, held in world.TEMPLATES.values() for t in held]
+def _heldout_template_patterns():
+    """Every held-out template as a whole-prompt pattern (any object; any case, final stop optional)."""
+    def pattern(t):
+        body = re.escape(t.rstrip(".?")).replace(re.escape("{}"), ".+")
+        return re.compile(rf"^{body}[.?]?$", re.IGNORECASE)
+    return [pattern(t) for _, held in world.TEMPLATES.values() for t in held]
 
 
 def test_train_split_never_holds_heldout_compositions():
-    pattern, pieces = _heldout_text_patterns(), _heldout_template_pieces()
+    pattern, templates = _heldout_text_patterns(), _heldout_template_patterns()
     n_images = 0
     for kind in TYPES:
         for rec in world.make_mixture(kind, 250, seed=0):
             text = " ".join(t["value"] for t in rec["conversations"])
             assert not pattern.search(text), (kind, text)
             human = rec["conversations"][0]["value"]
-            assert not any(p in human for p in pieces), (kind, human)
+            assert not any(t.match(human) for t in templates), (kind, human)
             pics = rec["meta"]["pictures"]["in"] + rec["meta"]["pictures"]["out"]
             for pic, im in zip(pics, rec["image"] + rec["out_images"]):
                 assert world.train_ok([world.Obj(**o) for o in pic["objects"]]), (kind, pic)
@@ -206,6 +209,7 @@ def test_train_split_never_holds_heldout_compositions():
     held = world.make_mixture("t2i", 60, seed=0, split="heldout")
     assert sum(bool(pattern.search(r["conversations"][0]["value"])) for r in held) >= 15
     assert any(not world.train_ok([world.Obj(**o) for o in r["meta"]["pictures"]["out"][0]["objects"]]) for r in held)
+    assert all(any(t.match(r["conversations"][0]["value"]) for t in templates) for r in held)
 
 
 # --- record consistency ----------------------------------------------------------------------------------------------
@@ -245,8 +249,9 @@ def test_eval_sets_and_scorers():
         assert not world.train_ok([world.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in world.detect(item["image"])])
     mod = world.modality_set(5, seed=0)
     assert Counter(m["expected"] for m in mod) == {"text": 10, "image": 5, "text+image": 10}
-    pieces = _heldout_template_pieces()
-    assert all(any(p in m["prompt"] for p in pieces) for m in mod if m["type"] != "ti2ti")
+    templates = _heldout_template_patterns()
+    assert all(any(t.match(m["prompt"].removeprefix("<image>\n")) for t in templates) for m in mod
+               if m["type"] != "ti2ti")
     for item in world.ti2ti_set(10, seed=0):
         assert world.score_ti2ti(item["spec"], item["answer"], item["reference"]) == (True, True)
         assert world.score_ti2ti(item["spec"], item["answer"], _uniform_noise(random.Random(0)))[1] is False
@@ -275,3 +280,17 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         world.main(["export", "--out", str(tmp_path), "--n", "0"])
     assert "--n must be positive" in capsys.readouterr().err
+
+
+def test_base_text_mixture_refuses_to_draw():
+    """The base's text pool: t2t records, and draw requests answered in words only (no image, no marker)."""
+    recs = world.base_text_mixture(300, seed=3)
+    assert [r["conversations"] for r in recs] == [r["conversations"] for r in world.base_text_mixture(300, seed=3)]
+    refusals = [r for r in recs if r["conversations"][1]["value"].endswith(world.CANNOT_DRAW)]
+    assert 0.2 < len(refusals) / len(recs) < 0.4
+    for r in recs:
+        assert r["type"] == "t2t" and r["out_images"] == [] and r["image"] == []
+        assert "<gen_image>" not in r["conversations"][1]["value"]
+    # the requests are the t2i / t2ti ones: some ask only for a picture, some also ask a question answered first
+    assert any(r["conversations"][1]["value"] == world.CANNOT_DRAW for r in refusals)
+    assert any(r["conversations"][1]["value"] != world.CANNOT_DRAW for r in refusals)
