@@ -36,13 +36,9 @@ def run(name, stage, start, steps, extra=()):
         return out
     p = toy.paths()
     _, batch, lr, warmup = toy.TRAIN[stage]
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
-           "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(min(warmup, steps // 10)),
-           "--save-every", "200", "--device", "cpu", "--dtype", toy._amp(), "--codes", p["codes"],
-           f"--{start[0]}", start[1]]
-    for d in toy._data_args(p, stage if stage else 3):
-        cmd += ["--data", d]
-    cmd += list(extra)
+    cmd = toy.train_cmd(stage, out, steps, batch, lr, min(warmup, steps // 10), toy._data_args(p, stage or 3),
+                        save_every=200)
+    cmd += ["--codes", p["codes"], f"--{start[0]}", start[1], *extra]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out

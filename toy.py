@@ -159,6 +159,16 @@ def _cache_complete(p):
     return meta.get("complete", True)
 
 
+def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100):
+    """The train.py command line of one resumable CPU run (toy.py's stages and ablations.py's arms)."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
+           "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
+           "--save-every", str(save_every), "--device", "cpu", "--dtype", _amp()]
+    for d in data:
+        cmd += ["--data", d]
+    return cmd
+
+
 def train(stage, p, extra=(), quick=False):
     """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt)."""
     steps, batch, lr, warmup = TRAIN[stage]
@@ -169,11 +179,7 @@ def train(stage, p, extra=(), quick=False):
         return
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, ".running"), "w").close()
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
-           "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
-           "--save-every", "100", "--device", "cpu", "--dtype", _amp()]
-    for d in _data_args(p, stage):
-        cmd += ["--data", d]
+    cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage))
     if stage == 0:
         cmd += ["--preset", "toy", "--tokenizer", p["tok"]]
     else:
