@@ -27,6 +27,9 @@ import toy
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(ROOT, "runs", "ablations")
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+# (batch, lr, warmup) of every arm's stage, one batch size for all, so that arms of the same steps see the same number
+# of examples (toy.py's own stage 2 takes smaller batches; the single-stage arm must compare at equal data)
+ARM = {1: (32, 1e-3, 25), 2: (32, 1.5e-3, 50), 3: (32, 3e-4, 15)}
 
 
 def run(name, stage, start, steps, extra=()):
@@ -35,7 +38,7 @@ def run(name, stage, start, steps, extra=()):
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     p = toy.paths()
-    _, batch, lr, warmup = toy.TRAIN[stage]
+    batch, lr, warmup = ARM[stage]
     cmd = toy.train_cmd(stage, out, steps, batch, lr, min(warmup, steps // 10), toy._data_args(p, stage or 3),
                         save_every=200)
     cmd += ["--codes", p["codes"], f"--{start[0]}", start[1], *extra]

@@ -435,3 +435,27 @@ def test_bfloat16_forward_close_to_fp32():
         # (test_parity.py::test_bfloat16_error_like_hf). 12% leaves room for that and still catches a lost cast.
         err = (a16.float() - a32).abs().max() / a32.abs().max()
         assert err < 0.12, float(err)
+
+
+@pytest.mark.parametrize("T,kind", [(24, "causal"), (24, "mask"), (24, "none"), (300, "causal")])
+def test_attention_matmul_path_equals_sdpa(T, kind):
+    """armor.attention takes plain matmuls for short bf16 sequences with grad on CPU (the toy training's case) and
+    SDPA otherwise; both paths give SDPA's outputs and gradients (fp32 reference, bf16 rounding as tolerance)."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 4, T, 16, generator=g) for _ in range(3))
+    mask = (torch.rand(2, 1, T, T, generator=g) > 0.3) | torch.eye(T, dtype=torch.bool) if kind == "mask" else None
+    w = torch.randn(2, 4, T, 16, generator=g)
+
+    def run(dtype, fn):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        y = fn(*leaves, mask, kind == "causal")
+        (y.float() * w).sum().backward()
+        return [y.float()] + [t.grad.float() for t in leaves]
+
+    ref = run(torch.float32, lambda a, b, c, m, causal: torch.nn.functional.scaled_dot_product_attention(
+        a, b, c, attn_mask=m, is_causal=causal))
+    for got, want in zip(run(torch.bfloat16, armor.attention), ref):
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    # fp32 always goes to SDPA: identical
+    for got, want in zip(run(torch.float32, armor.attention), ref):
+        assert torch.equal(got, want)
