@@ -315,8 +315,9 @@ class Rotary:
 
 def attention(q, k, v, mask=None, causal=False):
     """Softmax attention over (B, nh, T, hd) tensors: F.scaled_dot_product_attention, except for short sequences in
-    bf16 with grad on CPU, where its kernels are 1.5-3x slower than two plain matmuls (fwd+bwd, B 32, 4 heads of 64:
-    T 64 19 vs 6 ms, T 120 30 vs 20 ms; equal at 512, slower past it), which is every step of the toy training."""
+    bf16 with grad on CPU, where its kernels ran slower than two plain matmuls (forward + backward at the toy
+    training's shapes; about even near 512 tokens, slower past it). That is every step of the toy training: its
+    stage-2 steps at batch 32 dropped from ~1,080 to ~850 ms in train.py's own log lines."""
     T = q.shape[-2]
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= 256):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)

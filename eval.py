@@ -75,8 +75,13 @@ def eval_generation(model, tok, vq, n, cfg, seed, heldout=False):
     for it, ans in zip(items, answers):
         img = first_image(vq, ans)
         per.setdefault(it["category"], []).append(img is not None and world.score_image(it["spec"], img))
+    return geneval_scores(per)
+
+
+def geneval_scores(per):
+    """{category: [bool]} -> accuracy per category, and GenEval's overall: the mean of the category scores."""
     acc = {k: sum(v) / len(v) for k, v in per.items()}
-    acc["overall"] = sum(acc.values()) / len(acc)  # GenEval's overall: the mean of the category scores
+    acc["overall"] = sum(acc.values()) / len(acc)
     return acc
 
 
@@ -90,9 +95,7 @@ def eval_ceiling(vq, n, seed, heldout=False):
         img = world.render(world.spec_picture(it["spec"], rng))
         rec = decode_pil(vq, encode_pil(vq, [img], world.SIZE))[0]
         per.setdefault(it["category"], []).append(world.score_image(it["spec"], rec))
-    acc = {k: sum(v) / len(v) for k, v in per.items()}
-    acc["overall"] = sum(acc.values()) / len(acc)
-    return acc
+    return geneval_scores(per)
 
 
 def eval_scenes(model, tok, vq, n, cfg, seed):
