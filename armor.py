@@ -267,6 +267,14 @@ def pixel_shuffle(x, scale):
 # Modules carry Qwen2's names; InternLM2 checkpoints go through INTERNLM2_KEYS + the wqkv split at load time.
 
 
+def rms_norm(x, weight, eps):
+    # released cast order: normalise in fp32 (x * rsqrt(mean(x^2) + eps), which F.rms_norm computes in one call,
+    # bit for bit), cast back to the input dtype, then scale
+    if x.dtype == torch.float32:
+        return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -274,10 +282,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # released cast order: normalise in fp32, cast back to the input dtype, then scale
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary:
@@ -336,23 +341,23 @@ def rotate_half(x):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Decoding fast path (CPU). A decode step multiplies a few rows by every weight once, so its time is the time to read
-# the weights, and nn.Linear reads them slowly at these shapes. Measured with bench.py's shapes on the 2-core EPYC,
-# one thread, weights past the caches (GB/s of weight read):
-#   bf16, 1-2 rows: F.linear 5.7-7.7, the weight prepacked for oneDNN (torch.ops.mkldnn) 8.2-11.5
-#   fp32, 1 row:    F.linear 9.5-10, prepacked for MKL (torch.ops.mkl) 14-15.5 on tall weights (q|k|v, gate, lm head)
-#   fp32, 2 rows:   F.linear 3.5-5.5, W @ x.T 13-14 on tall weights (the lm head: 4.2 vs 13.6)
-# (the packed kernels are the ones torch.compile's CPU backend uses). So decode steps (one new token per row, no
-# grad, CPU) send every matmul through `fast_linear`, with small groups stacked into one call (q|k|v; every group of
-# a toy-sized model). The packed weights are a second copy of the LLM's and adapter's weights, made by
-# `refresh_fast` when a State is created and kept until a weight changes; `model.fast_decode = False` goes without.
+# the weights, and nn.Linear reads them slowly at these shapes. `python bench.py --kernels` measures it (GB/s of weight
+# read, 1-2 rows, 2 threads; the range of two runs on the 2-core EPYC, whose figures move between runs):
+#   fp32, 1B shape (150 MB of weights): F.linear 6-13, the weight as two row halves in one torch.bmm 21-29
+#   fp32, toy shape (14 MB):            F.linear 7-19, two bmm row halves 15-28
+#   bf16, 1B shape: F.linear 13-14, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel torch.compile's CPU
+#   backend uses) 19-22, two bmm row halves 9
+# So decode steps (one new token per row, no grad, CPU) send every matmul through `fast_linear`, with small groups
+# stacked into one call (q|k|v, gate|up; every group of a toy-sized model). The stacked / packed weights are a second
+# copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy), made by `refresh_fast`
+# when a State is created and kept until a weight changes; `model.fast_decode = False` goes without.
 
 _ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-_MKL = hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
 
 
 class FastWeights(dict):
-    """(nn.Linear, ...) -> (stamp, [(kind, weight, packed weight, bias) per matmul]). Never copied or pickled."""
+    """(nn.Linear, ...) -> (stamp, [(kind, out_features, weight as used, bias) per matmul]). Never copied or pickled."""
 
     def __deepcopy__(self, memo):
         return FastWeights()
@@ -362,19 +367,22 @@ class FastWeights(dict):
 
 
 def _pack(linears):
-    """A group's matmuls as (kind, weight, packed weight, bias): one over the stacked weights (bf16, or a small group)
-    or one per module (a big fp32 group, which then needs no stacked copy). Only big fp32 weights (>= 1M entries) take
-    the special kernels: on toy-sized ones F.linear is as fast, and stays single-threaded."""
+    """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
+    one per module (a big group, which then needs no stacked copy). bf16 weights are prepacked for oneDNN; the others
+    become two row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
     ws, bs = [m.weight for m in linears], [m.bias for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
     if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
-        return [("onednn", None, torch.ops.mkldnn._reorder_linear_weight(cat(ws), 1), cat(bs))]
+        w = cat(ws)
+        return [("onednn", w.shape[0], torch.ops.mkldnn._reorder_linear_weight(w, 1), cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
     out = []
     for w, b in parts:
-        big = w.dtype == torch.float32 and w.numel() >= 1 << 20
-        out.append(("big" if big else "plain", w, torch.ops.mkl._mkl_reorder_linear_weight(w, 1) if big and _MKL
-                    else None, b))
+        n, k = w.shape
+        w, b = w.detach(), None if b is None else b.detach()
+        if n % 2:
+            w, b = torch.cat([w, w.new_zeros(1, k)]), None if b is None else torch.cat([b, b.new_zeros(1)])
+        out.append(("halves", n, w.view(2, -1, k), None if b is None else b.view(2, -1, 1)))  # bias as bmm's output
     return out
 
 
@@ -389,20 +397,19 @@ def refresh_fast(fast, groups):
 def fast_linear(fast, linears, x):
     """x (..., d) through the weights of `linears`, stacked -> (..., sum of their out_features)."""
     parts = fast[linears][1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     y = _mm(x2, *parts[0]) if len(parts) == 1 else torch.cat([_mm(x2, *p) for p in parts], -1)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _mm(x, kind, w, packed, b):
+def _mm(x, kind, n, w, b):
+    """x (M, K) @ the packed weight -> (M, n)."""
     if kind == "onednn":  # bf16 prepacked: any number of rows
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-    if kind == "big" and x.shape[0] == 1 and packed is not None:
-        return torch.ops.mkl._mkl_linear(x, packed, w, b, 1)
-    if kind == "big" and x.shape[0] <= 8:  # a few rows: the transposed product reads the weight at full speed
-        y = (w @ x.T).T
-        return (y if b is None else y + b).contiguous()
-    return F.linear(x, w, b)
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    M, xT = x.shape[0], x.T.expand(2, -1, -1)
+    y = torch.bmm(w, xT) if b is None else torch.baddbmm(b, w, xT)  # (2, N/2, M): one half of the rows per thread
+    y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N)
+    return y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
 
 
 def fast_groups(blocks):
@@ -412,11 +419,20 @@ def fast_groups(blocks):
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer, indexed by sequence column: (layers, B, n_kv, T_max, hd)."""
+    """Pre-allocated keys and values for every layer, indexed by sequence column. One tensor, keys then values on the
+    head axis, (layers, B, 2 n_kv, T_max, hd), so that a decode step reads one view of it; k and v are views."""
 
     def __init__(self, n_layers, B, n_kv, max_len, hd, dtype, device):
-        self.k = torch.zeros(n_layers, B, n_kv, max_len, hd, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.kv = torch.zeros(n_layers, B, 2 * n_kv, max_len, hd, dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, :, :n_kv], self.kv[:, :, n_kv:]  # (layers, B, n_kv, T_max, hd) each
+
+    def rows(self, rows: slice):
+        """A cache over some rows of this one, sharing its storage (writes go through)."""
+        out = KVCache.__new__(KVCache)
+        n_kv = self.k.shape[2]
+        out.kv = self.kv[:, rows]
+        out.k, out.v = out.kv[:, :, :n_kv], out.kv[:, :, n_kv:]
+        return out
 
     def update(self, layer, start, k, v):
         T = k.shape[2]
@@ -436,8 +452,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
 
     def forward(self, x, rope, ctx):
-        if ctx.fast is not None:
-            return self.step(x, rope, ctx)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -452,23 +466,6 @@ class Attention(nn.Module):
         y = attention(q, k, v, ctx.mask, ctx.causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
-    def step(self, x, rope, ctx):
-        """One new token per row (x (B, 1, d)) against the cache, with the fewest kernel calls: one matmul for q|k|v,
-        one RoPE for q and k together, GQA as a reshape (no repeated keys) and plain matmuls for the attention,
-        which at one query cost less than the SDPA kernels' setup."""
-        B, nh, nkv, hd = x.shape[0], self.nh, self.nkv, self.hd
-        qkv = fast_linear(ctx.fast, (self.q_proj, self.k_proj, self.v_proj), x)  # (B, 1, (nh + 2 nkv) hd)
-        qk = qkv[..., :(nh + nkv) * hd].view(B, nh + nkv, hd)
-        cos, sin = (r.view(B, 1, hd) for r in rope)
-        qk = qk * cos + rotate_half(qk) * sin
-        k, v = ctx.cache.update(ctx.layer, ctx.start, qk[:, nh:, None], qkv[..., (nh + nkv) * hd:].view(B, nkv, 1, hd))
-        q = qk[:, :nh].reshape(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
-        att = (q.float() @ k.float().transpose(-1, -2)) * hd ** -0.5  # (B, nkv, g, S), fp32 like the SDPA kernels
-        if ctx.mask is not None:
-            att = att.masked_fill(~ctx.mask, float("-inf"))  # (B, 1, 1, S)
-        y = (att.softmax(-1) @ v.float()).to(x.dtype)  # (B, nkv, g, hd)
-        return fast_linear(ctx.fast, (self.o_proj,), y.view(B, 1, nh * hd))
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: LLMConfig):
@@ -477,10 +474,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # w3
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)  # w2
 
-    def forward(self, x, fast=None):
-        if fast is not None:  # decode step: see fast_linear
-            g, u = fast_linear(fast, (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
-            return fast_linear(fast, (self.down_proj,), F.silu(g) * u)
+    def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -496,7 +490,33 @@ class Block(nn.Module):
 
     def forward(self, x, rope, ctx):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx.fast)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step(self, x, kv, cos, sin, hide, fast):
+        """The forward of one new token per row, with the fewest kernel calls (a decode step's time on CPU is mostly
+        per-call overhead and weight reads): x (B, d); kv (B, 2 n_kv, S, hd) this layer's cache up to and including
+        the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); hide (B, 1, 1, S) the
+        padded columns or None. One matmul for q|k|v and one for gate|up (fast_linear), GQA as a reshape (no repeated
+        keys), and plain matmuls for the attention, which at one query cost less than the SDPA kernels' setup."""
+        a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
+        qkv = fast_linear(fast, (a.q_proj, a.k_proj, a.v_proj), rms_norm(x, n1.weight, n1.eps))
+        qkv = qkv.view(B, nh + 2 * nkv, hd)
+        qk = qkv[:, :nh + nkv]
+        # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
+        torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
+        kv[:, :, -1] = qkv[:, nh:]  # the new column: keys (after RoPE), then values, in one copy
+        q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
+        k, v = kv[:, :nkv], kv[:, nkv:]
+        if x.dtype != torch.float32:  # scores and softmax in fp32, like the SDPA kernels
+            q, k, v = q.float(), k.float(), v.float()
+        att = (q @ k.transpose(-1, -2)) * hd ** -0.5  # (B, nkv, g, S)
+        if hide is not None:
+            att = att.masked_fill(hide, float("-inf"))
+        y = (att.softmax(-1) @ v).view(B, nh * hd)  # (B, nkv, g, hd) -> (B, nh hd)
+        x = x + fast_linear(fast, (a.o_proj,), y if y.dtype == x.dtype else y.to(x.dtype))
+        g, u = fast_linear(fast, (m.gate_proj, m.up_proj), rms_norm(x, n2.weight, n2.eps)).chunk(2, dim=-1)
+        return x + fast_linear(fast, (m.down_proj,), F.silu(g) * u)
 
 
 @dataclass
@@ -528,6 +548,8 @@ def make_ctx(B, T, start, pad, cache, device):
 
 
 def run_blocks(blocks, x, rope, ctx, grad_ckpt=False):
+    if ctx.fast is not None:
+        return step_blocks(blocks, x, rope, ctx)
     for i, block in enumerate(blocks):
         ctx.layer = i
         if grad_ckpt and torch.is_grad_enabled():
@@ -535,6 +557,32 @@ def run_blocks(blocks, x, rope, ctx, grad_ckpt=False):
         else:
             x = block(x, rope, ctx)
     return x
+
+
+_SIGNS = {}
+
+
+def _rope_sign(t):
+    """(-1, ..., -1, 1, ..., 1) over t's last dimension, in t's dtype and device (made once)."""
+    key = (t.shape[-1], t.dtype, t.device)
+    if key not in _SIGNS:
+        _SIGNS[key] = torch.ones(t.shape[-1], dtype=t.dtype, device=t.device)
+        _SIGNS[key][:t.shape[-1] // 2] = -1
+    return _SIGNS[key]
+
+
+def step_blocks(blocks, x, rope, ctx):
+    """A decode step (x (B, 1, d), one new token per row, ctx.fast set) through Block.step. What every layer shares
+    is made once here: the RoPE tables, this step's view of the cache and the padding mask."""
+    B = x.shape[0]
+    cos, sin = (r.view(B, 1, -1) for r in rope)  # (B, 1, hd)
+    sin = sin * _rope_sign(sin)  # [-sin, sin] on the two halves, for Block.step's roll
+    kv = ctx.cache.kv[:, :, :, :ctx.start + 1]  # (layers, B, 2 n_kv, S, hd)
+    hide = None if ctx.mask is None else ~ctx.mask  # (B, 1, 1, S)
+    x = x[:, 0]
+    for i, block in enumerate(blocks):
+        x = block.step(x, kv[i], cos, sin, hide, ctx.fast)
+    return x[:, None]
 
 
 class TextModel(nn.Module):

@@ -3,11 +3,13 @@ Speed of ARMOR's generation and training, each row measured side by side in one 
 
   python bench.py             # the full table (about 10 minutes on 2 CPU cores)
   python bench.py --quick     # fewer tokens and repeats (about 3 minutes)
+  python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs armor's fast path
 
 Rows:
   decode      tokens/s of sample.generate vs transformers' Qwen2ForCausalLM.generate on the same weights (an
               InternVL2.5-1B-shaped LLM = Qwen2.5-0.5B + untied head, random weights, fp32 and bf16; and the toy
-              checkpoint), batch 1 and batch 2 (the shape of a CFG step), greedy, no stop token. Decode rate =
+              checkpoint, at most h*w + 1 tokens so that it cannot open a picture), batch 1 and batch 2 (the shape
+              of a CFG step), greedy, no stop token. Decode rate =
               (N - 1) / (time(N tokens) - time(1 token)), the same for both, so the prefill drops out. The bound:
               steps/s <= read bandwidth / weight bytes read per step (every decoder weight + the text head).
   prefill     tokens/s of one 512-token prompt (ours: extend + text head on the last position; HF: forward with
@@ -31,6 +33,7 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 import armor
 from armor import Armor, InternVL, VisionConfig
@@ -94,6 +97,44 @@ def decode_probe(threads):
     t = timeit(lambda: [armor.fast_linear(fast, (m,), x) for m in lins], 5)
     torch.set_num_threads(n)
     return 16 * 4864 * 896 * 2 / t
+
+
+# The decoder's weight shapes per layer (q|k|v, o, gate|up, down) and the text head, as armor.py's decode path groups
+# them: the 1B shape (Qwen2.5-0.5B, 3 layers' worth: 150 MB in fp32, past the caches) and the toy (every layer).
+KERNEL_SHAPES = {"1B-shape": [(1152, 896), (896, 896), (9728, 896), (896, 4864)] * 3 + [(151675, 896)],
+                 "toy": [(512, 256), (256, 256), (1536, 256), (256, 768)] * 4 + [(1025, 256)]}
+
+
+def kernel_rows(reps, rows):
+    """GB/s of weight read by decode-shaped products: F.linear against armor's fast path (fast_linear: fp32 as two
+    bmm row halves, bf16 prepacked for oneDNN) and, for reference, the other path's kernel on the same weights."""
+    for name, shapes in KERNEL_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            lins = []
+            for n, k in shapes:
+                m = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+                lins.append(m)
+            nbytes = sum(m.weight.numel() * m.weight.element_size() for m in lins)
+            fast = armor.FastWeights()
+            armor.refresh_fast(fast, [(m,) for m in lins])
+            halves = [(n, m.weight.view(2, -1, m.weight.shape[1]) if n % 2 == 0 else None) for n, m in
+                      zip((m.weight.shape[0] for m in lins), lins)]
+            for M in (1, 2):
+                xs = {k: torch.randn(M, k, dtype=dtype) for k in {k for _, k in shapes}}
+                fns = [lambda: [F.linear(xs[m.in_features], m.weight) for m in lins],
+                       lambda: [armor.fast_linear(fast, (m,), xs[m.in_features]) for m in lins]]
+                if dtype == torch.bfloat16:  # the fp32 path's kernel on bf16 weights (even-N weights only)
+                    fns.append(lambda: [armor._mm(xs[w.shape[2]], "halves", n, w, None) for n, w in halves
+                                        if w is not None])
+                ts = side_by_side(fns, reps)
+                even = sum(n * w.shape[2] * w.element_size() for n, w in halves if w is not None)
+                gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9] + ([even / ts[2] / 1e9] if len(ts) > 2 else [])
+                kind = "two bmm row halves" if dtype == torch.float32 else "oneDNN prepacked"
+                note = f"F.linear {gbs[0]:.1f} GB/s" + (f"; two bmm row halves on bf16 {gbs[2]:.1f} GB/s"
+                                                        if len(gbs) > 2 else "")
+                rows.append((f"kernel {name} {str(dtype)[6:]} {M} row(s)", f"{gbs[1]:.1f} GB/s ({kind})",
+                             f"{gbs[0]:.1f} GB/s", f"{gbs[1] / gbs[0]:.2f}x", note))
+                print(" | ".join(rows[-1]), flush=True)
 
 
 def matmul_peak(dtype, shapes=((2048, 2048, 2048), (320, 896, 4864), (320, 4864, 896))):
@@ -329,6 +370,7 @@ def vqgan_rows(reps, rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    ap.add_argument("--kernels", action="store_true", help="only the decode-kernel table (GB/s of weight read)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every row (default: the count, 1 or "
                                                             "all cores, with the higher measured read bandwidth)")
     args = ap.parse_args(argv)
@@ -351,6 +393,10 @@ def main(argv=None):
     print(f"torch {torch.__version__} | {threads} of {cores} threads ({note}) | load average {load}\n"
           f"read bandwidth {bw / 1e9:.1f} GB/s (sum of 1 GiB fp32) | matmul peak fp32 {peak32 / 1e9:,.1f} GFLOP/s, "
           f"bf16 {peak16 / 1e9:,.1f} GFLOP/s (best of 2048^3 and the training GEMM shapes)", flush=True)
+    if args.kernels:
+        kernel_rows(3 if args.quick else 7, rows)
+        print_table(rows)
+        return
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = random_1b(dtype)
         hf = hf_twin(model)
@@ -363,14 +409,22 @@ def main(argv=None):
     if DEFAULT_TOY.is_dir():
         model, tok = load_toy()
         hf = hf_twin(model)
-        decode_rows("toy fp32", model, tok, hf, 4 * n_tok, reps, bw, rows)
+        # at most h*w + 1 new tokens: too few for a whole image, so sample.generate never opens one (<imgbos> needs
+        # room for h*w codes and <imgend>) and both sides decode text; with more, the toy model, which can draw, may
+        # start a picture after the (ignored) end of its answer
+        n_toy = min(4 * n_tok, model.config.image_grid ** 2 + 1)
+        decode_rows("toy fp32", model, tok, hf, n_toy, reps, bw, rows)
         prefill_row("toy fp32", model, hf, 512, reps, rows)
-        text_only_row("toy fp32", model, tok, 4 * n_tok, reps, rows)
+        text_only_row("toy fp32", model, tok, n_toy, reps, rows)
     else:
         print(f"(toy rows skipped: no toy checkpoint at {DEFAULT_TOY})")
     train_row(1 if args.quick else 2, peak32, rows)
     vqgan_rows(reps, rows)
 
+    print_table(rows)
+
+
+def print_table(rows):
     print("\n| row | ours | reference | ratio | notes |\n|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from armor import KVCache, State
+from armor import State
 from data import GEN_IMAGE, encode_conversation, make_unconditional
 
 DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
@@ -95,11 +95,7 @@ def sample_token(logits, s: Sampling, gen):
 def _rows(state: State, rows: slice) -> State:
     """A State over some rows of another, sharing its tensors (writes go through): the conditional or the
     unconditional half of a guided batch, which advance separately while the answer is text."""
-    def part(kv):
-        out = KVCache.__new__(KVCache)
-        out.k, out.v = kv.k[:, rows], kv.v[:, rows]
-        return out
-    return State(part(state.llm), state.pad[rows], state.hidden[rows], part(state.adapter), state.length,
+    return State(state.llm.rows(rows), state.pad[rows], state.hidden[rows], state.adapter.rows(rows), state.length,
                  state.adapter_length)
 
 

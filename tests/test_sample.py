@@ -284,11 +284,12 @@ def decode_steps(m, ids, steps, B):
 @pytest.mark.parametrize("dtype, B", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1),
                                       (torch.bfloat16, 2)])
 def test_fast_decode_equals_module_path(tok, dtype, B):
-    # a 1-layer model wide enough (512 x 2048 MLP) that fp32 takes the big-weight kernels: MKL's packed GEMV at one
-    # row, W @ x.T at two; bf16 takes oneDNN's packed GEMM. The module path (fast_decode = False) is the reference.
+    # a 1-layer model wide enough (512 x 4352 MLP) that gate and up go as two matmuls (a big group needs no stacked
+    # copy); fp32 weights as two row halves in one bmm (the text head, V + 1 rows, padded to an even count), bf16
+    # weights prepacked for oneDNN. The module path (fast_decode = False) is the reference.
     cfg = tiny_config(tok)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=512, num_layers=1, num_heads=8,
-                                                           num_kv_heads=2, intermediate_size=2048))
+                                                           num_kv_heads=2, intermediate_size=4352))
     torch.manual_seed(0)
     m = Armor(cfg).eval()
     armor.init_weights(m, std=0.05)
@@ -296,7 +297,10 @@ def test_fast_decode_equals_module_path(tok, dtype, B):
     m = m.to(dtype)
     ids = torch.randint(0, 250, (2, 9))
     fast = decode_steps(m, ids, 4, B)
-    assert m.fast_weights and any(k == "big" or k == "onednn" for e in m.fast_weights.values() for k, *_ in e[1])
+    packed = [p for e in m.fast_weights.values() for p in e[1]]
+    assert {k for k, *_ in packed} == ({"halves"} if dtype == torch.float32 else {"onednn"})
+    if dtype == torch.float32:
+        assert any(n % 2 for _, n, *_ in packed) and any(len(e[1]) == 2 for e in m.fast_weights.values())
     m.fast_decode = False
     plain = decode_steps(m, ids, 4, B)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: another kernel's rounding, outputs of size ~1
