@@ -110,25 +110,22 @@ def kernel_rows(reps, rows):
     bmm row halves, bf16 prepacked for oneDNN) and, for reference, the other path's kernel on the same weights."""
     for name, shapes in KERNEL_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
-            lins = []
-            for n, k in shapes:
-                m = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
-                lins.append(m)
+            lins = [torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False) for n, k in shapes]
             nbytes = sum(m.weight.numel() * m.weight.element_size() for m in lins)
             fast = armor.FastWeights()
             armor.refresh_fast(fast, [(m,) for m in lins])
-            halves = [(n, m.weight.view(2, -1, m.weight.shape[1]) if n % 2 == 0 else None) for n, m in
-                      zip((m.weight.shape[0] for m in lins), lins)]
+            # the fp32 path's kernel on bf16 weights, for reference (even row counts only: no padded copy)
+            halves = [m.weight.view(2, -1, m.in_features) for m in lins if m.out_features % 2 == 0]
             for M in (1, 2):
-                xs = {k: torch.randn(M, k, dtype=dtype) for k in {k for _, k in shapes}}
+                xs = {k: torch.randn(M, k, dtype=dtype) for _, k in shapes}
                 fns = [lambda: [F.linear(xs[m.in_features], m.weight) for m in lins],
                        lambda: [armor.fast_linear(fast, (m,), xs[m.in_features]) for m in lins]]
-                if dtype == torch.bfloat16:  # the fp32 path's kernel on bf16 weights (even-N weights only)
-                    fns.append(lambda: [armor._mm(xs[w.shape[2]], "halves", n, w, None) for n, w in halves
-                                        if w is not None])
+                if dtype == torch.bfloat16:
+                    fns.append(lambda: [armor._mm(xs[w.shape[2]], "halves", 2 * w.shape[1], w, None) for w in halves])
                 ts = side_by_side(fns, reps)
-                even = sum(n * w.shape[2] * w.element_size() for n, w in halves if w is not None)
-                gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9] + ([even / ts[2] / 1e9] if len(ts) > 2 else [])
+                gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9]
+                if len(ts) > 2:
+                    gbs.append(sum(w.numel() * w.element_size() for w in halves) / ts[2] / 1e9)
                 kind = "two bmm row halves" if dtype == torch.float32 else "oneDNN prepacked"
                 note = f"F.linear {gbs[0]:.1f} GB/s" + (f"; two bmm row halves on bf16 {gbs[2]:.1f} GB/s"
                                                         if len(gbs) > 2 else "")

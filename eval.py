@@ -257,16 +257,15 @@ def main(argv=None):
              f"`python eval.py{' --quick' if args.quick else ''}`)", ""]
     gen = eval_generation(model, tok, vq, n, cfg, args.seed)
     held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
+    def row(name, acc, bold):  # one generation row: the six categories ("-" where a set has none), then overall
+        overall = f"**{fmt(acc['overall'])}**" if bold else fmt(acc["overall"])
+        return f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in world.CATEGORIES) + f" | {overall} |"
+
     lines += ["| generation (GenEval-style) | " + " | ".join(world.CATEGORIES) + " | overall |",
               "|---|" + "---|" * (len(world.CATEGORIES) + 1),
-              "| training compositions | " + " | ".join(fmt(gen[c]) for c in world.CATEGORIES) +
-              f" | **{fmt(gen['overall'])}** |",
-              "| held-out compositions | " + " | ".join(fmt(held[c]) if c in held else "-" for c in world.CATEGORIES)
-              + f" | **{fmt(held['overall'])}** |"]
-    for name, acc in (("VQGAN round trip of the true pictures, training compositions", eval_ceiling(vq, n, args.seed)),
-                      ("VQGAN round trip, held-out compositions", eval_ceiling(vq, n, args.seed, heldout=True))):
-        lines.append(f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in world.CATEGORIES) +
-                     f" | {fmt(acc['overall'])} |")
+              row("training compositions", gen, True), row("held-out compositions", held, True),
+              row("VQGAN round trip of the true pictures, training compositions", eval_ceiling(vq, n, args.seed), False),
+              row("VQGAN round trip, held-out compositions", eval_ceiling(vq, n, args.seed, heldout=True), False)]
     lines.append("")
     print("\n".join(lines[-7:]), flush=True)
     scenes = eval_scenes(model, tok, vq, max(1, n // 4), cfg, args.seed)
