@@ -12,6 +12,7 @@ Sections (prompts are seeded; world.py holds the prompt sets and the rule-based 
                 position, colour attribution), scored by world.detect / world.check; held-out compositions apart;
                 and the ceiling the VQGAN allows (the true pictures after an encode-decode round trip, same judge)
   scenes        drawing requests for the twelve scenes, scored by world.classify_scene
+  reading       teacher-forced: how much the codes of a true picture depend on the colour and the shape words
   understanding ti2t questions on rendered images; accuracy of the base MLLM and of each stage, and the
                 retention ratio (the paper's "Und.", Table 4)
   modality      "what to generate": the response modality (text / image / text+image) for held-out phrasings
@@ -96,6 +97,39 @@ def eval_ceiling(vq, n, seed, heldout=False):
         rec = decode_pil(vq, encode_pil(vq, [img], world.SIZE))[0]
         per.setdefault(it["category"], []).append(world.score_image(it["spec"], rec))
     return geneval_scores(per)
+
+
+@torch.no_grad()
+def eval_prompt_reading(model, tok, vq, n, seed):
+    """How much the drawing depends on each word of the request, teacher-forced: the codes of a true "a <colour>
+    <shape>" picture are scored under the right request and under one naming another colour (or shape). Returns the
+    mean over n pictures of the largest per-code rise of the image loss (nats). A model that reads the word is
+    surprised where the object starts; one that ignores it scores 0 (the same request twice gives exactly 0)."""
+    import torch.nn.functional as F
+
+    from data import encode_conversation
+    from vqgan import encode_pil
+    c, V = model.config, model.config.llm.vocab_size
+    rng = random.Random(f"prompt-reading/{seed}")
+
+    def code_losses(request, codes):  # (h*w,) image loss of each code
+        e = encode_conversation(tok, c, [{"role": "user", "content": request},
+                                         {"role": "assistant", "content": "<gen_image>"}], out_codes=[codes])
+        ids, targets = torch.tensor([e.ids]), torch.tensor([e.targets])
+        out = model(ids, targets=targets, alpha=0.0, beta=1.0)
+        return F.cross_entropy(out.image_logits.float(), targets[targets > V] - (V + 1), reduction="none")
+
+    items = [it for it in world.geneval_prompts(n, seed) if it["category"] == "colors"]
+    rise = {"colour": [], "shape": []}
+    for it in items:
+        spec, item = it["spec"], it["spec"]["include"][0]
+        codes = encode_pil(vq, [world.render(world.spec_picture(spec, rng))], world.SIZE)[0]
+        right = code_losses(it["prompt"], codes)
+        for k, choices in (("colour", world.COLOURS), ("shape", world.SHAPES)):
+            other = dict(spec, include=[dict(item, **{k: rng.choice([x for x in choices if x != item[k]])})])
+            request = it["prompt"].replace(world.describe(spec), world.describe(other))
+            rise[k].append((code_losses(request, codes) - right).max().item())
+    return {k: sum(v) / len(v) for k, v in rise.items()}
 
 
 def eval_scenes(model, tok, vq, n, cfg, seed):
@@ -269,6 +303,7 @@ def main(argv=None):
     lines.append("")
     print("\n".join(lines[-7:]), flush=True)
     scenes = eval_scenes(model, tok, vq, max(1, n // 4), cfg, args.seed)
+    reading = eval_prompt_reading(model, tok, vq, 2 * n, args.seed)
 
     items = world.understanding_set(5 * n, args.seed)
     base_dir = os.path.join(args.model, json.load(open(os.path.join(args.model, "config.json")))["base"]) \
@@ -289,7 +324,9 @@ def main(argv=None):
     ti = eval_ti2ti(model, tok, vq, 2 * n, cfg, args.seed)
 
     lines += ["| measure | value |", "|---|---|",
-              f"| scene accuracy ({len(world.SCENES)} scenes) | **{fmt(scenes)}** |"]
+              f"| scene accuracy ({len(world.SCENES)} scenes) | **{fmt(scenes)}** |",
+              f"| prompt reading: largest rise of a code's loss (nats) when the request names another colour / "
+              f"another shape | {reading['colour']:.2f} / {reading['shape']:.2f} |"]
     for k, v in und.items():
         lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")

@@ -17,7 +17,8 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python toy.py --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
   python eval.py                   # then: the measured table of the README
 
-Each step is skipped when its output exists; the training steps resume from their own checkpoints (train.py --resume,
+Each step is skipped when its output exists (the code cache only when a sample of its codes matches the VQGAN, so codes
+of another VQGAN are refused with an error); the training steps resume from their own checkpoints (train.py --resume,
 vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for the measured times).
 """
 
@@ -146,11 +147,37 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH):
 
 def make_codes(p, vq_dir):
     import vqgan
-    if os.path.exists(os.path.join(p["codes"], "meta.json")) and _cache_complete(p):
-        return
     model = vqgan.load_vqgan(vq_dir)
+    if os.path.exists(os.path.join(p["codes"], "meta.json")) and _cache_complete(p):
+        agree = codes_agree(p, model)
+        if agree < 0.9:
+            raise SystemExit(f"error: {p['codes']} holds the codes of another VQGAN: re-encoding its first images "
+                             f"with {vq_dir} gives the same code for only {agree:.0%} of their positions. Delete "
+                             f"it (or run `python toy.py --from codes`) to encode the images again.")
+        return
     srcs = [os.path.join(p["data"], f"{t}_train.jsonl") for t in ("t2i", "t2ti")]
     vqgan.build_cache(model, srcs, p["codes"], size=64, batch=64, vqgan_path=vq_dir)
+
+
+def codes_agree(p, model, n=32):
+    """Share of code positions on which a complete cache and `model` agree, over the cache's first n images. The
+    weights' fingerprint cannot decide it: toy.py caches with its fp32 VQGAN, train.py's toy defaults with the
+    shipped fp16 copy, and both must be accepted, while codes of a retrained VQGAN must not (they trained a
+    stage 3 without a warning once: GenEval-style 0.008)."""
+    import numpy as np
+    from PIL import Image
+
+    import vqgan
+    with open(os.path.join(p["codes"], "meta.json")) as f:
+        size = json.load(f)["size"]
+    with open(os.path.join(p["codes"], "index.jsonl")) as f:
+        entries = [e for e in map(json.loads, f) if "skip" not in e][:n]
+    codes = np.fromfile(os.path.join(p["codes"], "codes.u16"), dtype=np.uint16)
+    want = torch.from_numpy(np.concatenate([codes[e["offset"]:e["offset"] + e["h"] * e["w"]] for e in entries])
+                            .astype(np.int64))
+    with torch.no_grad():
+        got = vqgan.encode_pil(model, [Image.open(os.path.join(p["data"], e["key"])) for e in entries], size)
+    return (got.flatten() == want).float().mean().item()
 
 
 def _cache_complete(p):

@@ -91,6 +91,20 @@ def test_shipped_model_draws_what_is_asked():
     assert ok_scenes >= len(scenes) // 2, f"{ok_scenes}/{len(scenes)} scenes drawn right"
 
 
+def test_prompt_reading_tells_a_read_word_from_noise():
+    """eval.py's prompt-reading row. The shipped model reads the shape word (eval.md: 4.30 nats where the object
+    starts) and barely the colour word (0.48); the same model with ARMOR's new tensors re-drawn at random (what
+    stage 1 hands to stage 2) is not surprised by either: its rises are the noise floor (0.18 / 0.19 measured on
+    runs/toy/stage1), so the row measures the model and not the scorer."""
+    import eval as ev
+    model, tok, vq = sample.load(TOY / "armor")
+    read = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # 4.09 / 0.38 when written
+    armor.init_armor(model, seed=0)
+    noise = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # 0.27 / 0.26
+    assert read["shape"] > 2.0 and read["shape"] > 4 * max(noise.values()), (read, noise)
+    assert max(noise.values()) < 0.5, noise
+
+
 def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
     """eval.py's ceiling row: the true pictures after the shipped VQGAN's round trip pass the judge almost always,
     held-out pairs less often (this VQGAN never saw them: 0.83 against 0.98 in eval.md); with the decoder's weights
@@ -124,6 +138,13 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert all(json.loads(line)["loss_img"] in (None, 0, 0.0) for line in log)
     p = run(ROOT / "toy.py", *args)  # everything exists: only the ship step runs again
     assert p.returncode == 0 and "train.py" not in p.stdout, p.stdout[-2000:]
+    # the code cache is reused only with the VQGAN that made it (its fp16 copy too), not with another one
+    import toy
+    paths = toy.paths(tmp_path / "data", tmp_path / "runs", tmp_path / "ship")
+    toy.make_codes(paths, tmp_path / "runs" / "vqgan")
+    toy.make_codes(paths, tmp_path / "ship" / "vqgan")
+    with pytest.raises(SystemExit, match="codes of another VQGAN"):
+        toy.make_codes(paths, TOY / "vqgan")
     p = run(ROOT / "eval.py", "--model", tmp_path / "ship" / "armor", "--quick", "--out", tmp_path / "eval.md")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = (tmp_path / "eval.md").read_text()
