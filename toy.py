@@ -164,20 +164,15 @@ def codes_agree(p, model, n=32):
     weights' fingerprint cannot decide it: toy.py caches with its fp32 VQGAN, train.py's toy defaults with the
     shipped fp16 copy, and both must be accepted, while codes of a retrained VQGAN must not (they trained a
     stage 3 without a warning once: GenEval-style 0.008)."""
-    import numpy as np
     from PIL import Image
 
     import vqgan
-    with open(os.path.join(p["codes"], "meta.json")) as f:
-        size = json.load(f)["size"]
-    with open(os.path.join(p["codes"], "index.jsonl")) as f:
-        entries = [e for e in map(json.loads, f) if "skip" not in e][:n]
-    codes = np.fromfile(os.path.join(p["codes"], "codes.u16"), dtype=np.uint16)
-    want = torch.from_numpy(np.concatenate([codes[e["offset"]:e["offset"] + e["h"] * e["w"]] for e in entries])
-                            .astype(np.int64))
+    cache = vqgan.CodeCache(p["codes"])
+    keys = list(cache.index)[:n]
+    want = torch.stack([torch.from_numpy(cache.get(k).astype("int64")) for k in keys])
     with torch.no_grad():
-        got = vqgan.encode_pil(model, [Image.open(os.path.join(p["data"], e["key"])) for e in entries], size)
-    return (got.flatten() == want).float().mean().item()
+        got = vqgan.encode_pil(model, [Image.open(os.path.join(p["data"], k)) for k in keys], cache.meta["size"])
+    return (got == want).float().mean().item()
 
 
 def _cache_complete(p):

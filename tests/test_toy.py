@@ -94,13 +94,15 @@ def test_shipped_model_draws_what_is_asked():
 def test_prompt_reading_tells_a_read_word_from_noise():
     """eval.py's prompt-reading row. The shipped model reads the shape word (eval.md: 4.30 nats where the object
     starts) and barely the colour word (0.48); the same model with ARMOR's new tensors re-drawn at random (what
-    stage 1 hands to stage 2) is not surprised by either: its rises are the noise floor (0.18 / 0.19 measured on
-    runs/toy/stage1), so the row measures the model and not the scorer."""
+    stage 1 hands to stage 2) is not surprised by either: its rises are the noise floor, so the row measures the
+    model and not the scorer. `-s` prints the four figures."""
     import eval as ev
     model, tok, vq = sample.load(TOY / "armor")
     read = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # 4.09 / 0.38 when written
     armor.init_armor(model, seed=0)
-    noise = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # 0.27 / 0.26
+    noise = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # 0.26 / 0.27
+    print(f"prompt reading, colour / shape: shipped {read['colour']:.2f} / {read['shape']:.2f}, "
+          f"re-initialised {noise['colour']:.2f} / {noise['shape']:.2f}")
     assert read["shape"] > 2.0 and read["shape"] > 4 * max(noise.values()), (read, noise)
     assert max(noise.values()) < 0.5, noise
 
