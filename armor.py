@@ -321,8 +321,8 @@ class Rotary:
 def attention(q, k, v, mask=None, causal=False):
     """Softmax attention over (B, nh, T, hd) tensors: F.scaled_dot_product_attention, except for short sequences in
     bf16 with grad on CPU, where its kernels ran slower than two plain matmuls (forward + backward at the toy
-    training's shapes; about even near 512 tokens, slower past it). That is every step of the toy training: its
-    stage-2 steps at batch 32 dropped from ~1,080 to ~850 ms in train.py's own log lines."""
+    training's shapes; about even near 512 tokens, slower past it). That is every attention of the toy training
+    (ViT, LLM and adapter; Attention.forward keeps q and k in bf16 under autocast, see there)."""
     T = q.shape[-2]
     if not (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= 256):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -458,6 +458,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         cos, sin = rope
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # Under autocast the projections come out bf16 but RoPE's fp32 tables promote q and k back to fp32, which
+        # sent every training step's attention to SDPA's fp32 kernels. The rotation stays fp32; its result goes back
+        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 344 to
+        # 238 ms (medians, two interleaved 60-step runs each, 2 cores).
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.cache is not None:  # append to the cache, attend over everything cached so far
             k, v = ctx.cache.update(ctx.layer, ctx.start, k, v)
         if self.nkv != self.nh:  # GQA: query head i reads kv head i // g

@@ -42,7 +42,7 @@ N_RECORDS = {"t2t": 3000, "ti2t": 12000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
 VQ_STEPS, VQ_BATCH = 2000, 8
 # (steps, batch, lr, warmup) per train.py stage
-TRAIN = {0: (400, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (3000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+TRAIN = {0: (400, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 
 
 def _amp():
