@@ -460,8 +460,8 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         # Under autocast the projections come out bf16 but RoPE's fp32 tables promote q and k back to fp32, which
         # sent every training step's attention to SDPA's fp32 kernels. The rotation stays fp32; its result goes back
-        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 344 to
-        # 238 ms (medians, two interleaved 60-step runs each, 2 cores).
+        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 357 / 332 to
+        # 242 / 233 ms (median step of two interleaved 60-step runs each, 2 cores).
         q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.cache is not None:  # append to the cache, attend over everything cached so far
             k, v = ctx.cache.update(ctx.layer, ctx.start, k, v)

@@ -491,5 +491,6 @@ def test_autocast_training_attention_runs_in_bf16(monkeypatch):
     assert len(seen) == n_llm and set(seen) == {(torch.bfloat16,) * 3}
     with torch.no_grad():
         ref = float(m(ids, None, targets, 1.0, 1.0).loss)  # fp32
-    # measured 0.005-0.03% apart on seeds 5-7; 0.5% is about one bf16 rounding step (2^-8) of the loss
-    assert abs(float(out.loss.detach()) - ref) < 0.005 * ref
+    gap = abs(float(out.loss.detach()) - ref) / ref
+    print(f"autocast loss {float(out.loss.detach()):.5f} vs fp32 {ref:.5f}: relative gap {gap:.2e}")
+    assert gap < 0.005  # about one bf16 rounding step (2^-8) of the loss; the gap printed above is far below it
