@@ -423,15 +423,16 @@ class KVCache:
     head axis, (layers, B, 2 n_kv, T_max, hd), so that a decode step reads one view of it; k and v are views."""
 
     def __init__(self, n_layers, B, n_kv, max_len, hd, dtype, device):
-        self.kv = torch.zeros(n_layers, B, 2 * n_kv, max_len, hd, dtype=dtype, device=device)
-        self.k, self.v = self.kv[:, :, :n_kv], self.kv[:, :, n_kv:]  # (layers, B, n_kv, T_max, hd) each
+        self._hold(torch.zeros(n_layers, B, 2 * n_kv, max_len, hd, dtype=dtype, device=device))
+
+    def _hold(self, kv):
+        n_kv = kv.shape[2] // 2
+        self.kv, self.k, self.v = kv, kv[:, :, :n_kv], kv[:, :, n_kv:]  # k, v: (layers, B, n_kv, T_max, hd) each
 
     def rows(self, rows: slice):
         """A cache over some rows of this one, sharing its storage (writes go through)."""
         out = KVCache.__new__(KVCache)
-        n_kv = self.k.shape[2]
-        out.kv = self.kv[:, rows]
-        out.k, out.v = out.kv[:, :, :n_kv], out.kv[:, :, n_kv:]
+        out._hold(self.kv[:, rows])
         return out
 
     def update(self, layer, start, k, v):
