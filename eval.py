@@ -13,6 +13,7 @@ Sections (prompts are seeded; world.py holds the prompt sets and the rule-based 
                 and the ceiling the VQGAN allows (the true pictures after an encode-decode round trip, same judge)
   scenes        drawing requests for the twelve scenes, scored by world.classify_scene
   reading       teacher-forced: how much the codes of a true picture depend on the colour and the shape words
+  code context  how much a VQGAN code depends on the pixels around its cell (0: equal cells, equal codes)
   understanding ti2t questions on rendered images; accuracy of the base MLLM and of each stage, and the
                 retention ratio (the paper's "Und.", Table 4)
   modality      "what to generate": the response modality (text / image / text+image) for held-out phrasings
@@ -97,6 +98,15 @@ def eval_ceiling(vq, n, seed, heldout=False):
         rec = decode_pil(vq, encode_pil(vq, [img], world.SIZE))[0]
         per.setdefault(it["category"], []).append(world.score_image(it["spec"], rec))
     return geneval_scores(per)
+
+
+def eval_code_context(vq, n, seed):
+    """H(code | the cell's own pixels) in nats over n random object pictures (vqgan.context_entropy): how much a
+    code depends on what lies around its cell, which the drawing model must then guess ahead."""
+    from vqgan import context_entropy, preprocess
+    rng = random.Random(f"code-context/{seed}")
+    pics = [world.render(world.random_objects(rng)) for _ in range(n)]
+    return context_entropy(vq, torch.stack([preprocess(p, world.SIZE) for p in pics]))
 
 
 @torch.no_grad()
@@ -304,6 +314,7 @@ def main(argv=None):
     print("\n".join(lines[-7:]), flush=True)
     scenes = eval_scenes(model, tok, vq, max(1, n // 4), cfg, args.seed)
     reading = eval_prompt_reading(model, tok, vq, 2 * n, args.seed)
+    code_context = eval_code_context(vq, 20 * n, args.seed)
 
     items = world.understanding_set(5 * n, args.seed)
     base_dir = os.path.join(args.model, json.load(open(os.path.join(args.model, "config.json")))["base"]) \
@@ -326,7 +337,8 @@ def main(argv=None):
     lines += ["| measure | value |", "|---|---|",
               f"| scene accuracy ({len(world.SCENES)} scenes) | **{fmt(scenes)}** |",
               f"| prompt reading: largest rise of a code's loss (nats) when the request names another colour / "
-              f"another shape | {reading['colour']:.2f} / {reading['shape']:.2f} |"]
+              f"another shape | {reading['colour']:.2f} / {reading['shape']:.2f} |",
+              f"| VQGAN codes: H(code \\| the cell's own pixels), nats, object pictures | {code_context:.2f} |"]
     for k, v in und.items():
         lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")

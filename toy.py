@@ -15,6 +15,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python toy.py                    # everything; rerun after a kill and it continues where it stopped
   python toy.py --from base        # redo from a step on (drops that step's outputs and the later ones)
   python toy.py --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
+  python toy.py --vq-locality 5 --data D --runs R --ship S   # the README's VQGAN locality experiment
   python eval.py                   # then: the measured table of the README
 
 Each step is skipped when its output exists (the code cache only when a sample of its codes matches the VQGAN, so codes
@@ -41,6 +42,9 @@ RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
 N_RECORDS = {"t2t": 3000, "ti2t": 12000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
 VQ_STEPS, VQ_BATCH = 2000, 8
+# vqgan.train_vqgan's locality term (equal cells, equal codes): off for the shipped VQGAN; --vq-locality 5 is the
+# README's experiment (GenEval-style up, scenes and response modality down on three prompt sets)
+VQ_LOCALITY = 0.0
 # (steps, batch, lr, warmup) per train.py stage
 TRAIN = {0: (400, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 
@@ -123,7 +127,7 @@ def make_tokenizer(p, vocab=VOCAB):
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
-def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH):
+def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY):
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
@@ -142,7 +146,7 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH):
                 pics.append(world.random_objects(rng))
         return torch.stack([vqgan.preprocess(world.render(pic), world.SIZE) for pic in pics])
 
-    vqgan.train_vqgan(vqgan.VQGANConfig.toy(), at, steps, out_dir=p["vq_run"])
+    vqgan.train_vqgan(vqgan.VQGANConfig.toy(), at, steps, out_dir=p["vq_run"], locality=locality)
 
 
 def make_codes(p, vq_dir):
@@ -243,6 +247,8 @@ def main(argv=None):
     ap.add_argument("--ship", default=SHIP, help="where the shipped fp16 checkpoints go")
     ap.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
+    ap.add_argument("--vq-locality", type=float, default=VQ_LOCALITY,
+                    help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     args = ap.parse_args(argv)
     p = paths(args.data, args.runs, args.ship)
     if args.start:  # forget the outputs of this step and the later ones
@@ -264,7 +270,7 @@ def main(argv=None):
 
     timed("data", make_data, p, n)
     timed("tokenizer", make_tokenizer, p)
-    timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS)
+    timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality)
     timed("codes", make_codes, p, p["vq_run"])
     for stage in (0, 1, 2, 3):
         timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import vqgan
@@ -637,3 +638,70 @@ def test_toy_config_trains(tmp_path):
     print(f"toy vqgan, 2000 steps of batch 8: held-out mse {mse:.4f} (flat 8x8 colours {flat:.4f}), "
           f"{used}/{TINY.n_embed} codes used on 256 images, {ms:.0f} ms/step")
     assert mse < 0.8 * flat and used > TINY.n_embed // 2
+
+
+def test_context_pairs_keep_the_kept_cells():
+    """The moved copy holds every kept cell unchanged (shifted by whole cells), and a pasted block elsewhere."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for step in range(5):
+        moved, (dy, dx), keep = vqgan._context_pairs(x, 8, step)
+        ref = torch.roll(x, (8 * dy, 8 * dx), dims=(2, 3))
+        cells = lambda t: t.reshape(4, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, 3, 8, 8)
+        same = (cells(moved) == cells(ref)).flatten(3).all(-1)
+        assert torch.equal(same, keep)  # random pixels: a pasted cell never equals the one it replaced
+        assert (~keep).flatten(1).any(1).all() and keep.flatten(1).any(1).all()
+
+
+def test_locality_loss_separates_local_from_global_encoders():
+    """0 for an encoder that looks only at its own cell (mean colour per cell), clearly above 0 for one that adds the
+    image mean (what GroupNorm or attention can do); and scaling z does not change it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 1, 1, generator=g) + 0.1 * torch.rand(6, 3, 32, 32, generator=g)  # a flat colour each
+    moved, shift, keep = vqgan._context_pairs(x, 8, 0)
+    both = torch.cat([x, moved])
+    local = F.avg_pool2d(both, 8)
+    glob = local + 3 * both.mean((2, 3), keepdim=True)
+    assert vqgan._locality_loss(local, shift, keep).item() < 1e-10
+    g = vqgan._locality_loss(glob, shift, keep).item()
+    assert g > 1e-3  # 0.04 here: the block pasted from another image moves the image mean
+    assert vqgan._locality_loss(0.01 * glob, shift, keep).item() == pytest.approx(g, rel=1e-4)
+
+
+def test_context_entropy():
+    """0 nats when equal cells always get equal codes; log 2 when each cell's code is a fair coin flip."""
+    class Stub:
+        def __init__(self, noisy):
+            self.config, self.noisy, self.g = VQGANConfig(ch_mult=(1, 2, 2, 2)), noisy, torch.Generator().manual_seed(0)
+
+        def encode(self, x):  # a code per cell from its mean colour, plus a random bit when noisy
+            codes = (F.avg_pool2d(x, 8).mean(1) > 0).long() * 2
+            return codes + torch.randint(2, codes.shape, generator=self.g) if self.noisy else codes
+
+    x = torch.zeros(200, 3, 16, 16)
+    x[::2, :, :8] = 1  # two kinds of cell
+    assert vqgan.context_entropy(Stub(False), x) == 0
+    assert vqgan.context_entropy(Stub(True), x) == pytest.approx(np.log(2), abs=0.03)
+
+
+def test_train_with_locality_resumes_exactly(tmp_path):
+    """The locality term changes training (other weights than without it) and a killed run resumes bit-exactly."""
+    torch.set_num_threads(1)
+    data = toy_images(4, seed=0)
+    interrupted = {"yes": True}
+
+    def batches(step):
+        if step == 3 and interrupted["yes"]:
+            interrupted["yes"] = False
+            raise KeyboardInterrupt
+        return data
+
+    with pytest.raises(KeyboardInterrupt):
+        train_vqgan(TINY, batches, 6, 1e-3, tmp_path / "a", log_every=3, locality=5.0)
+    a = train_vqgan(TINY, batches, 6, 1e-3, tmp_path / "a", log_every=3, locality=5.0)
+    b = train_vqgan(TINY, lambda step: data, 6, 1e-3, tmp_path / "b", log_every=3, locality=5.0)
+    c = train_vqgan(TINY, lambda step: data, 6, 1e-3, tmp_path / "c", log_every=3)
+    w = "encoder.conv_in.weight"
+    assert torch.equal(a.state_dict()[w], b.state_dict()[w])
+    assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
+    with pytest.raises(ValueError, match="locality 5.0, not 0.0"):  # resuming under another weight is refused
+        train_vqgan(TINY, lambda step: data, 6, 1e-3, tmp_path / "a", log_every=3)
