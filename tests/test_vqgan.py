@@ -587,16 +587,23 @@ def toy_images(n, seed, size=64):
     return torch.stack(out)
 
 
+def killed_once(data, at):
+    """A batches function that serves `data` but raises KeyboardInterrupt the first time step `at` is asked for."""
+    pending = [True]
+
+    def batches(step):
+        if step == at and pending[0]:
+            pending[0] = False
+            raise KeyboardInterrupt
+        return data
+
+    return batches
+
+
 def test_train_overfits_and_resumes_exactly(tmp_path):
     torch.set_num_threads(1)
     data = toy_images(4, seed=0)
-    interrupted = {"yes": True}
-
-    def batches(step):
-        if step == 4 and interrupted["yes"]:
-            interrupted["yes"] = False
-            raise KeyboardInterrupt  # a kill right after the step-4 checkpoint
-        return data
+    batches = killed_once(data, 4)  # a kill right after the step-4 checkpoint
 
     with pytest.raises(KeyboardInterrupt):
         train_vqgan(TINY, batches, 8, 1e-3, tmp_path / "a", log_every=2, restart_every=2)
@@ -687,13 +694,7 @@ def test_train_with_locality_resumes_exactly(tmp_path):
     """The locality term changes training (other weights than without it) and a killed run resumes bit-exactly."""
     torch.set_num_threads(1)
     data = toy_images(4, seed=0)
-    interrupted = {"yes": True}
-
-    def batches(step):
-        if step == 3 and interrupted["yes"]:
-            interrupted["yes"] = False
-            raise KeyboardInterrupt
-        return data
+    batches = killed_once(data, 3)
 
     with pytest.raises(KeyboardInterrupt):
         train_vqgan(TINY, batches, 6, 1e-3, tmp_path / "a", log_every=3, locality=5.0)
