@@ -632,32 +632,34 @@ TYPES = ("t2t", "ti2t", "t2i", "t2ti")  # the four trained types; ti2ti emerges 
 MODALITY = {"t2t": "text", "ti2t": "text", "t2i": "image", "t2ti": "text+image", "ti2ti": "text+image"}
 
 # Requests are frames x verbs, so the held-out phrasings are new combinations of words the world does use (a toy
-# model cannot know what a word it never met means): the pairs with (frame + verb) % 6 == 2 are held out.
+# model cannot know what a word it never met means): the pairs with (frame + verb) % (number of frames) == 2 are held
+# out. "{x}" is the object, "{q}" the question a text-then-image request (or a "just draw it") starts with.
 FRAMES = ("Please {v} {x}.", "Could you {v} {x}?", "Can you help me {v} {x}?", "{V} {x}.",
           "I would like you to {v} {x}.", "Would you {v} {x}, please?")
+ASK_AND_DRAW = ("{q} Can you {v} it for me?", "{q} Please explain, and {v} it.", "{q} Tell me, and {v} it too.",
+                "{q} Explain it, and {v} it too.", "{q} Answer, and {v} it afterwards.")  # text, then the picture
+FACT_AND_DRAW = ("{q} {V} {x} for me.", "{q} Also, please {v} {x}.", "{q} Then {v} {x}.", "{q} After that, {v} {x}.")
+JUST_DRAW = ("{q} Just {v} it.", "{q} {V} it, no words needed.", "{q} Only {v} it, please.",
+             "{q} Without any words, {v} it.")  # the picture only
 DRAW_VERBS = ("draw", "paint", "sketch", "create an image of", "show me a picture of", "generate an image of")
 DESCRIBE_VERBS = ("describe", "tell me about", "explain", "give me a description of", "tell me in words about",
                   "talk about")
 
 
-def _compose(verbs):
-    """(training phrasings, held-out phrasings) of every frame with every verb; "{}" is the object."""
-    pairs = [((i + j) % 6 == 2, f.format(v=v, V=v[0].upper() + v[1:], x="{}"))
-             for i, f in enumerate(FRAMES) for j, v in enumerate(verbs)]
+def _compose(frames, verbs):
+    """(training phrasings, held-out phrasings) of every frame with every verb; each "{}" is a slot, in order."""
+    pairs = [((i + j) % len(frames) == 2, f.format(v=v, V=v[0].upper() + v[1:], x="{}", q="{}"))
+             for i, f in enumerate(frames) for j, v in enumerate(verbs)]
     return [t for held, t in pairs if not held], [t for held, t in pairs if held]
 
 
 # (training phrasings, held-out phrasings). Held-out ones never reach training; the modality test asks with them.
 TEMPLATES = {
-    "draw": _compose(DRAW_VERBS),
-    "just_draw": (["{} Just draw it.", "{} Answer with a picture only.", "{} Show me in a picture, no words needed."],
-                  ["{} Just answer with a picture."]),
-    "ask_and_draw": (["{} Can you draw an image about it for me?", "{} Can you draw an image to depict it for me?",
-                      "{} Please explain, and draw it.", "{} Tell me, and paint a picture of it too."],
-                     ["{} Explain it, and sketch it too."]),
-    "fact_and_draw": (["{} Draw {} for me.", "{} Also, please draw {}.", "{} Then paint {}."],
-                      ["{} Then sketch {} for me."]),
-    "describe": _compose(DESCRIBE_VERBS),
+    "draw": _compose(FRAMES, DRAW_VERBS),
+    "just_draw": _compose(JUST_DRAW, DRAW_VERBS),
+    "ask_and_draw": _compose(ASK_AND_DRAW, DRAW_VERBS),
+    "fact_and_draw": _compose(FACT_AND_DRAW, DRAW_VERBS),
+    "describe": _compose(FRAMES, DESCRIBE_VERBS),
     "q_colour": (["What colour is the {}?", "Which colour does the {} have?"], ["Tell me the colour of the {}."]),
     "q_count": (["How many {}s are there?", "Count the {}s in the picture."], ["What is the number of {}s here?"]),
     "q_total": (["How many objects are there?", "How many shapes are in the picture?"],
@@ -867,15 +869,23 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
                      "pictures": {"in": [asdict(p) for p in images], "out": [asdict(p) for p in out]}}}
 
 
-CANNOT_DRAW = "I can read pictures, but I cannot draw them."
+CANNOT_DRAW = "I cannot draw {}, but I can read pictures."
+
+
+def drawn_phrase(image_spec) -> str:
+    """What a drawing request asks for, as a noun phrase: "two red circles", "an aurora"."""
+    return SCENES[image_spec["scene"]].name if "scene" in image_spec else describe(image_spec)
 
 
 def base_text_mixture(n, seed, refusals=0.3) -> list:
     """The base MLLM's text data: t2t records, and (a share `refusals`) the requests of t2i and t2ti records answered
-    the way a read-only MLLM answers them: in words, saying it cannot draw. A real InternVL2.5 has met countless
-    "draw ..." requests; without these the toy base never learns that the verb matters, its hidden states do not
-    tell "draw an aurora" from "describe an aurora", and WoHG's stage 1 (which trains only the heads and the new
-    rows on top of the frozen LLM) cannot learn when to start an image. Used for stage 0 only."""
+    the way a read-only MLLM answers them: in words, saying it cannot draw what was asked for ("I cannot draw two
+    red circles, but ..."). A real InternVL2.5 has met countless "draw ..." requests; without these the toy base
+    never learns that the verb matters, its hidden states do not tell "draw an aurora" from "describe an aurora",
+    and WoHG's stage 1 (which trains only the heads and the new rows on top of the frozen LLM) cannot learn when to
+    start an image. The refusal restates the request because a real MLLM's states carry every word of it; a toy base
+    whose refusal was one fixed sentence carried the shape on but not the colour, and the drawing model built on it
+    ignored colour words (README, "Why colours were ignored"). Used for stage 0 only."""
     rng = random.Random(f"base-t2t/{seed}")
     out = []
     for i in range(n):
@@ -884,7 +894,8 @@ def base_text_mixture(n, seed, refusals=0.3) -> list:
             continue
         rec = make_record(rng.choice(("t2i", "t2ti")), rng, rid=f"base-refusal-{seed}-{i}")
         said = rec["conversations"][1]["value"].replace("<gen_image>", "").strip()
-        rec["conversations"][1]["value"] = f"{said} {CANNOT_DRAW}".strip()
+        refusal = CANNOT_DRAW.format(drawn_phrase(rec["meta"]["image_spec"]))
+        rec["conversations"][1]["value"] = f"{said} {refusal}".strip()
         rec.update(type="t2t", out_images=[])
         out.append(rec)
     return out

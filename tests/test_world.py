@@ -283,14 +283,24 @@ def test_cli(tmp_path, capsys):
 
 
 def test_base_text_mixture_refuses_to_draw():
-    """The base's text pool: t2t records, and draw requests answered in words only (no image, no marker)."""
+    """The base's text pool: t2t records, and draw requests answered in words only (no image, no marker), the
+    refusal restating what was asked for: every colour, count and shape of the request, or the scene's name."""
     recs = world.base_text_mixture(300, seed=3)
     assert [r["conversations"] for r in recs] == [r["conversations"] for r in world.base_text_mixture(300, seed=3)]
-    refusals = [r for r in recs if r["conversations"][1]["value"].endswith(world.CANNOT_DRAW)]
+    tail = world.CANNOT_DRAW.split("{}")[1]
+    refusals = [r for r in recs if r["conversations"][1]["value"].endswith(tail)]
     assert 0.2 < len(refusals) / len(recs) < 0.4
     for r in recs:
         assert r["type"] == "t2t" and r["out_images"] == [] and r["image"] == []
         assert "<gen_image>" not in r["conversations"][1]["value"]
+    for r in refusals:
+        request, answer = (t["value"] for t in r["conversations"])
+        spec = r["meta"]["image_spec"]
+        assert answer.endswith(world.CANNOT_DRAW.format(world.drawn_phrase(spec)))
+        if "scene" not in spec:  # the object phrase is the request's own words, colours and counts included
+            assert world.describe(spec) in request
     # the requests are the t2i / t2ti ones: some ask only for a picture, some also ask a question answered first
-    assert any(r["conversations"][1]["value"] == world.CANNOT_DRAW for r in refusals)
-    assert any(r["conversations"][1]["value"] != world.CANNOT_DRAW for r in refusals)
+    assert any(r["conversations"][1]["value"].startswith("I cannot draw") for r in refusals)
+    assert any(not r["conversations"][1]["value"].startswith("I cannot draw") for r in refusals)
+    assert any("scene" in r["meta"]["image_spec"] for r in refusals)
+    assert any(it.get("colour") for r in refusals for it in r["meta"]["image_spec"].get("include", []))
