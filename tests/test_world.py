@@ -304,3 +304,24 @@ def test_base_text_mixture_refuses_to_draw():
     assert any(not r["conversations"][1]["value"].startswith("I cannot draw") for r in refusals)
     assert any("scene" in r["meta"]["image_spec"] for r in refusals)
     assert any(it.get("colour") for r in refusals for it in r["meta"]["image_spec"].get("include", []))
+
+
+def test_no_training_phrasing_matches_a_heldout_one():
+    """Every training template, filled with the world's own questions and objects, stays outside every held-out
+    pattern: frames x verbs must not rebuild a held-out phrasing from other words ("Tell me, and create an image of
+    it too." once matched the held-out "... And create an image of ... too.")."""
+    held = _heldout_template_patterns()
+    questions = [q for sc in world.SCENES.values() for q, _ in sc.questions]
+    questions += [q.format(s) for qs in world.FACT_QUESTIONS.values() for q in qs for s in world.SHAPES]
+    objects = ["two red circles", "a circle to the left of a square", "an aurora"]
+    n = 0
+    for key, (train, _) in world.TEMPLATES.items():
+        for t in train:
+            slots = t.count("{}")
+            for q in questions:
+                for x in objects:
+                    first = q if key in ("just_draw", "ask_and_draw", "fact_and_draw") else x
+                    text = t.format(first, *[x] * (slots - 1))
+                    assert not any(p.match(text) for p in held), (key, text)
+                    n += 1
+    assert n > 10_000
