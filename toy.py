@@ -5,7 +5,8 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
 (world.py: coloured shapes and twelve scenes at 64 px, conversations of the four types), and inside it:
   1. data       world.py exports training conversations (JSONL + PNG) into --data
   2. tokenizer  a byte-level BPE on the world's text (tokenizer.py), the way Qwen2's is built
-  3. vqgan      a small VQGAN (vqgan.py, Chameleon's architecture at toy width): 64 px -> 8x8 codes
+  3. vqgan      a small VQGAN (vqgan.py, Chameleon's architecture at toy width): 64 px -> 8x8 codes, each 8 px
+                cell encoded alone (VQGANConfig.cell_local), so a code depends on its own cell only
   4. codes      the VQ code cache of every output image (vqgan.py cache)
   5. base       the "existing MLLM": InternViT + mlp1 + Qwen2-layout LLM at toy size, trained ONLY on
                 understanding (t2t, ti2t) with train.py --stage 0. It cannot draw.
@@ -15,7 +16,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python toy.py                    # everything; rerun after a kill and it continues where it stopped
   python toy.py --from base        # redo from a step on (drops that step's outputs and the later ones)
   python toy.py --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
-  python toy.py --vq-locality 5 --data D --runs R --ship S   # the README's VQGAN locality experiment
+  python toy.py --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
   python eval.py                   # then: the measured table of the README
 
 Each step is skipped when its output exists (the code cache only when a sample of its codes matches the VQGAN, so codes
@@ -24,6 +25,7 @@ vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for t
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -42,9 +44,12 @@ RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
 N_RECORDS = {"t2t": 3000, "ti2t": 12000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
 VQ_STEPS, VQ_BATCH = 2000, 8
-# vqgan.train_vqgan's locality term (equal cells, equal codes): off for the shipped VQGAN; --vq-locality 5 is the
-# README's experiment (GenEval-style up, scenes and response modality down on three prompt sets)
+# vqgan.train_vqgan's locality term (equal cells, equal codes), a soft version of cell_local: off by default;
+# --vq-locality 5 --no-cell-local is the README's experiment (GenEval-style up, scenes and modality down)
 VQ_LOCALITY = 0.0
+# the toy VQGAN encodes every 8 px cell alone (vqgan.VQGANConfig.cell_local): a code is then a function of its cell
+# (H(code | cell) = 0); --no-cell-local trains the whole-image encoder of the VQGAN shipped before
+VQ_CELL_LOCAL = True
 # (steps, batch, lr, warmup) per train.py stage
 TRAIN = {0: (400, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 
@@ -127,7 +132,7 @@ def make_tokenizer(p, vocab=VOCAB):
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
-def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY):
+def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL):
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
@@ -146,7 +151,8 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY):
                 pics.append(world.random_objects(rng))
         return torch.stack([vqgan.preprocess(world.render(pic), world.SIZE) for pic in pics])
 
-    vqgan.train_vqgan(vqgan.VQGANConfig.toy(), at, steps, out_dir=p["vq_run"], locality=locality)
+    cfg = dataclasses.replace(vqgan.VQGANConfig.toy(), cell_local=cell_local)
+    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality)
 
 
 def make_codes(p, vq_dir):
@@ -249,6 +255,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
     ap.add_argument("--vq-locality", type=float, default=VQ_LOCALITY,
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
+    ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
+                    help="the VQGAN's encoder reads the whole image (the VQGAN shipped before), not each cell alone")
     args = ap.parse_args(argv)
     p = paths(args.data, args.runs, args.ship)
     if args.start:  # forget the outputs of this step and the later ones
@@ -270,7 +278,8 @@ def main(argv=None):
 
     timed("data", make_data, p, n)
     timed("tokenizer", make_tokenizer, p)
-    timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality)
+    timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
+          cell_local=args.cell_local)
     timed("codes", make_codes, p, p["vq_run"])
     for stage in (0, 1, 2, 3):
         timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)

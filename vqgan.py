@@ -66,6 +66,9 @@ class VQGANConfig:
     attn_resolutions: tuple = ()
     dropout: float = 0.0
     num_groups: int = 32  # GroupNorm groups; not in the yaml (taming hard-codes 32), small models need fewer
+    # toy world only, not in the yaml: the encoder reads each f x f cell alone, so a code is a function of its own
+    # cell's pixels (VQGAN.encode_z); the released model encodes the whole image (False)
+    cell_local: bool = False
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
@@ -367,10 +370,20 @@ class VQGAN(nn.Module):
         assert h % f == 0 and w % f == 0, f"image size {h}x{w} must be a multiple of {f}"
         return h // f, w // f
 
+    def encode_z(self, pixels):  # (B, 3, H, W) -> the quantizer's input (B, embed_dim, H/f, W/f)
+        if not self.config.cell_local:
+            return self.quant_conv(self.encoder(pixels))
+        f = self.config.factor  # every cell through the encoder alone, as a batch of f x f images
+        B, C, H, W = pixels.shape
+        h, w = H // f, W // f
+        cells = pixels.reshape(B, C, h, f, w, f).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C, f, f)
+        z = self.quant_conv(self.encoder(cells))  # (B*h*w, embed_dim, 1, 1)
+        return z.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+
     @torch.no_grad()
     def encode(self, pixels):  # (B, 3, H, W) in [-1, 1] -> codes (B, H/f, W/f) long
         w = self.quant_conv.weight
-        z = self.quant_conv(self.encoder(pixels.to(device=w.device, dtype=w.dtype)))  # (B, embed_dim, h, w)
+        z = self.encode_z(pixels.to(device=w.device, dtype=w.dtype))  # (B, embed_dim, h, w)
         B, _, h, w_ = z.shape
         return self.quantize.nearest(z.permute(0, 2, 3, 1)).view(B, h, w_)
 
@@ -382,7 +395,7 @@ class VQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z_q)).float()
 
     def forward(self, pixels):  # training: (B, 3, H, W) -> recon (B, 3, H, W), vq loss, codes (B, h, w)
-        z_q, vq_loss, codes = self.quantize(self.quant_conv(self.encoder(pixels)))
+        z_q, vq_loss, codes = self.quantize(self.encode_z(pixels))
         return self.decoder(self.post_quant_conv(z_q)), vq_loss, codes
 
 
@@ -782,10 +795,10 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         if locality:  # the batch again in new contexts: encoded only, for the locality term
             moved, shift, keep = _context_pairs(x, cfg.factor, step)
-            z_all = model.quant_conv(model.encoder(torch.cat([x, moved])))
+            z_all = model.encode_z(torch.cat([x, moved]))
             z, loc_loss = z_all[:len(x)], _locality_loss(z_all, shift, keep)
         else:
-            z = model.quant_conv(model.encoder(x))
+            z = model.encode_z(x)
         z_q, vq_loss, codes = model.quantize(z)
         recon = model.decoder(model.post_quant_conv(z_q))
         rec_loss = F.mse_loss(recon, x)

@@ -5,6 +5,7 @@ Oracles (test-only, transformers 5.23): ChameleonVQVAE.encode for encoder + quan
 the remap recipe of shared/specs/chameleon_vqgan.md section 5 for the decoder. Both were checked bit-equal to
 facebookresearch/chameleon's vqgan.py by the spec's author."""
 
+import dataclasses
 import io
 import json
 import os
@@ -706,3 +707,37 @@ def test_train_with_locality_resumes_exactly(tmp_path):
     assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
     with pytest.raises(ValueError, match="locality 5.0, not 0.0"):  # resuming under another weight is refused
         train_vqgan(TINY, lambda step: data, 6, 1e-3, tmp_path / "a", log_every=3)
+
+
+def _spread_codebook(model, x):
+    """Codebook vectors spread over the model's own encoder outputs for x, so that most cells get distinct codes."""
+    with torch.no_grad():
+        z = model.encode_z(x).permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim)
+        pick = torch.randint(len(z), (model.config.n_embed,), generator=torch.Generator().manual_seed(0))
+        model.quantize.embedding.weight.copy_(z[pick] + 0.05 * z.std() * torch.randn(model.config.n_embed, z.shape[1]))
+    return model
+
+
+def test_cell_local_codes_depend_on_their_own_cell_only(tmp_path):
+    """cell_local (the toy world's VQGAN): a code is a function of its own 8 px cell. Changing one cell changes that
+    cell's code and no other; a cell encoded as an image of its own gets the code it has in context; the setting
+    survives save / load. The whole-image encoder (the released layout) changes codes around the changed cell."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 64, 64, generator=g) * 2 - 1
+    y = x.clone()
+    y[:, :, 8:16, 16:24] = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1  # cell (1, 2) only
+    local = _spread_codebook(perturbed(dataclasses.replace(TINY, cell_local=True)), torch.cat([x, y]))
+    before, after = local.encode(x), local.encode(y)
+    changed = before != after
+    assert changed[:, 1, 2].sum() >= 4  # the changed cell (random codebook: a few may map to the same code)
+    changed[:, 1, 2] = False
+    assert not changed.any()
+    assert torch.equal(local.encode(x[:, :, 8:16, 16:24])[:, 0, 0], before[:, 1, 2])
+    save_vqgan(local, tmp_path / "vq")
+    again = load_vqgan(tmp_path / "vq")
+    assert again.config.cell_local and torch.equal(again.encode(x), before)
+
+    whole = _spread_codebook(perturbed(TINY), torch.cat([x, y]))
+    spread = whole.encode(x) != whole.encode(y)
+    spread[:, 1, 2] = False
+    assert spread.sum() > 6  # GroupNorm statistics and the mid-block attention see the whole image
