@@ -55,10 +55,18 @@ def random_vqgan(cfg, size, B, seed=0):
     with torch.no_grad():
         x = torch.rand(B, 3, size, size) * 2 - 1
         enc = model.encoder(x)
-        z = model.quant_conv(enc).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
-        pick = torch.randint(len(z), (cfg.n_embed,))
-        model.quantize.embedding.weight.copy_(z[pick] + 0.5 * z.std() * torch.randn(cfg.n_embed, cfg.embed_dim))
+        spread_codebook(model, model.quant_conv(enc), noise=0.5)
     return model, x, enc
+
+
+@torch.no_grad()
+def spread_codebook(model, z, noise):
+    """Codebook vectors drawn from the quantizer inputs z (B, D, h, w) plus noise (x their std), so that most cells
+    get distinct codes. Draws from torch's global generator (seed it first, as perturbed() does)."""
+    z = z.permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim)
+    pick = torch.randint(len(z), (model.config.n_embed,))
+    model.quantize.embedding.weight.copy_(z[pick] + noise * z.std() * torch.randn(model.config.n_embed, z.shape[1]))
+    return model
 
 
 def hf_encoder(model):
@@ -709,15 +717,6 @@ def test_train_with_locality_resumes_exactly(tmp_path):
         train_vqgan(TINY, lambda step: data, 6, 1e-3, tmp_path / "a", log_every=3)
 
 
-def _spread_codebook(model, x):
-    """Codebook vectors spread over the model's own encoder outputs for x, so that most cells get distinct codes."""
-    with torch.no_grad():
-        z = model.encode_z(x).permute(0, 2, 3, 1).reshape(-1, model.config.embed_dim)
-        pick = torch.randint(len(z), (model.config.n_embed,), generator=torch.Generator().manual_seed(0))
-        model.quantize.embedding.weight.copy_(z[pick] + 0.05 * z.std() * torch.randn(model.config.n_embed, z.shape[1]))
-    return model
-
-
 def test_cell_local_codes_depend_on_their_own_cell_only(tmp_path):
     """cell_local (the toy world's VQGAN): a code is a function of its own 8 px cell. Changing one cell changes that
     cell's code and no other; a cell encoded as an image of its own gets the code it has in context; the setting
@@ -726,7 +725,8 @@ def test_cell_local_codes_depend_on_their_own_cell_only(tmp_path):
     x = torch.rand(6, 3, 64, 64, generator=g) * 2 - 1
     y = x.clone()
     y[:, :, 8:16, 16:24] = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1  # cell (1, 2) only
-    local = _spread_codebook(perturbed(dataclasses.replace(TINY, cell_local=True)), torch.cat([x, y]))
+    local = perturbed(dataclasses.replace(TINY, cell_local=True))
+    spread_codebook(local, local.encode_z(torch.cat([x, y])), noise=0.05)
     before, after = local.encode(x), local.encode(y)
     changed = before != after
     assert changed[:, 1, 2].sum() >= 4  # the changed cell (random codebook: a few may map to the same code)
@@ -737,7 +737,8 @@ def test_cell_local_codes_depend_on_their_own_cell_only(tmp_path):
     again = load_vqgan(tmp_path / "vq")
     assert again.config.cell_local and torch.equal(again.encode(x), before)
 
-    whole = _spread_codebook(perturbed(TINY), torch.cat([x, y]))
+    whole = perturbed(TINY)
+    spread_codebook(whole, whole.encode_z(torch.cat([x, y])), noise=0.05)
     spread = whole.encode(x) != whole.encode(y)
     spread[:, 1, 2] = False
     assert spread.sum() > 6  # GroupNorm statistics and the mid-block attention see the whole image
