@@ -702,9 +702,26 @@ def _pick(rng, key, tpl):
     return rng.choice(train if tpl == "train" else held)
 
 
+# The share of training drawing and describing requests that are a bare imperative ("Draw {}.", "Describe {}."), the
+# form people type most (the README's `python sample.py "draw an aurora"`). As one frame in six, a toy base read the
+# casual "draw an aurora" like "explain an aurora in the night sky" (its nearest training prompt in the base's hidden
+# states) and the ARMOR built on it answered that request in words (P(<imgbos>) 0.15).
+BARE = 0.3
+_BARE = {key: {FRAMES[3].format(v=v, V=v[0].upper() + v[1:], x="{}") for v in verbs} & set(TEMPLATES[key][0])
+         for key, verbs in (("draw", DRAW_VERBS), ("describe", DESCRIBE_VERBS))}
+
+
+def _request(rng, key, tpl):
+    """A training conversation's drawing / describing request template (key "draw" or "describe"): a share BARE of
+    them bare imperatives. The evaluation's prompt sets keep _pick's uniform choice."""
+    if tpl == "train" and rng.random() < BARE:
+        return rng.choice(sorted(_BARE[key]))
+    return _pick(rng, key, tpl)
+
+
 def _casual(rng, text):
-    """People type "draw an aurora": a lower-case start (p 0.3) and no final full stop or question mark (p 0.3)."""
-    if rng.random() < 0.3:
+    """People type "draw an aurora": a lower-case start (p 0.5) and no final full stop or question mark (p 0.3)."""
+    if rng.random() < 0.5:
         text = text[0].lower() + text[1:]
     if rng.random() < 0.3:
         text = text.rstrip(".?")
@@ -803,7 +820,7 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
             if tpl == "train" and u < 0.7:
                 human, gpt = rng.choice(sc.questions)
             else:
-                human, gpt = _pick(rng, "describe", tpl).format(rng.choice((sc.name,) + sc.phrases)), sc.description
+                human, gpt = _request(rng, "describe", tpl).format(rng.choice((sc.name,) + sc.phrases)), sc.description
             answer_spec = {"kind": "scene", "answer": name}
     elif kind == "ti2t":
         pic, q, gpt, answer_spec = (_scene_ti2t(rng, tpl) if comp == "train" and rng.random() < 0.4
@@ -813,14 +830,14 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
         if rng.random() < 0.5:
             image_spec = sample_spec(rng.choice(HELDOUT_CATEGORIES if comp == "heldout" else CATEGORIES), rng,
                                      heldout=comp == "heldout")
-            human, pic = _pick(rng, "draw", tpl).format(describe(image_spec)), spec_picture(image_spec, rng)
+            human, pic = _request(rng, "draw", tpl).format(describe(image_spec)), spec_picture(image_spec, rng)
         else:
             name = rng.choice(list(SCENES))
             sc, image_spec = SCENES[name], {"scene": name}
             if rng.random() < 0.3:
                 human = _pick(rng, "just_draw", tpl).format(rng.choice(sc.questions)[0])
             else:
-                human = _pick(rng, "draw", tpl).format(rng.choice((sc.name,) + sc.phrases))
+                human = _request(rng, "draw", tpl).format(rng.choice((sc.name,) + sc.phrases))
             pic = scene_picture(name, rng)
         out, gpt = [pic], "<gen_image>"
     elif kind == "t2ti":
@@ -877,7 +894,7 @@ def drawn_phrase(image_spec) -> str:
     return SCENES[image_spec["scene"]].name if "scene" in image_spec else describe(image_spec)
 
 
-def base_text_mixture(n, seed, refusals=0.3) -> list:
+def base_text_mixture(n, seed, refusals=0.5) -> list:
     """The base MLLM's text data: t2t records, and (a share `refusals`) the requests of t2i and t2ti records answered
     the way a read-only MLLM answers them: in words, saying it cannot draw what was asked for ("I cannot draw two
     red circles, but ..."). A real InternVL2.5 has met countless "draw ..." requests; without these the toy base
@@ -885,7 +902,9 @@ def base_text_mixture(n, seed, refusals=0.3) -> list:
     and WoHG's stage 1 (which trains only the heads and the new rows on top of the frozen LLM) cannot learn when to
     start an image. The refusal restates the request because a real MLLM's states carry every word of it; a toy base
     whose refusal was one fixed sentence carried the shape on but not the colour, and the drawing model built on it
-    ignored colour words (README, "Why colours were ignored"). Used for stage 0 only."""
+    ignored colour words (README, "Why colours were ignored"). Half the records are refusals: with 0.3 the toy base
+    answered "draw an aurora" (lower-case, no full stop) as if asked "describe an aurora", and the ARMOR built on it
+    answered that request in words (P(<imgbos>) 0.01). Used for stage 0 only."""
     rng = random.Random(f"base-t2t/{seed}")
     out = []
     for i in range(n):

@@ -289,7 +289,7 @@ def test_base_text_mixture_refuses_to_draw():
     assert [r["conversations"] for r in recs] == [r["conversations"] for r in world.base_text_mixture(300, seed=3)]
     tail = world.CANNOT_DRAW.split("{}")[1]
     refusals = [r for r in recs if r["conversations"][1]["value"].endswith(tail)]
-    assert 0.2 < len(refusals) / len(recs) < 0.4
+    assert 0.4 < len(refusals) / len(recs) < 0.6
     for r in recs:
         assert r["type"] == "t2t" and r["out_images"] == [] and r["image"] == []
         assert "<gen_image>" not in r["conversations"][1]["value"]
@@ -325,3 +325,21 @@ def test_no_training_phrasing_matches_a_heldout_one():
                     assert not any(p.match(text) for p in held), (key, text)
                     n += 1
     assert n > 10_000
+
+
+def test_training_requests_are_often_bare_and_casual():
+    """"draw an aurora" is how people type (and the README's first command): a share world.BARE + 1/6 of the rest of
+    the training drawing and describing requests are bare imperatives ("Draw {}."), not 1 in 6, and half of all
+    requests start lower-case.
+    The evaluation's prompt sets keep the uniform choice of phrasings."""
+    rng = random.Random(5)
+    draw_bare = {t.format("").strip(". ").lower() for t in world._BARE["draw"]}
+    assert "draw" in draw_bare and "generate an image of" not in draw_bare  # the held-out bare phrasing stays out
+    recs = [world.make_record("t2i", rng) for _ in range(800)]
+    requests = [r["conversations"][0]["value"] for r in recs if "scene" not in r["meta"]["image_spec"]]
+    bare = [q for q in requests if any(q.lower().startswith(v + " ") for v in draw_bare)]
+    assert 0.35 < len(bare) / len(requests) < 0.5, (len(bare), len(requests))  # uniform: 5 of 30 phrasings, 1/6
+    assert 0.4 < sum(q[0].islower() for q in bare) / len(bare) < 0.6
+    prompts = [p["prompt"] for p in world.geneval_prompts(20, seed=1)]
+    share = sum(any(p.lower().startswith(v + " ") for v in draw_bare) for p in prompts) / len(prompts)
+    assert share < 0.3  # uniform over the 30 training phrasings: 5 bare ones (1/6)
