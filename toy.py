@@ -51,8 +51,8 @@ VQ_LOCALITY = 0.0
 # (H(code | cell) = 0); --no-cell-local trains the whole-image encoder of the VQGAN shipped before
 VQ_CELL_LOCAL = True
 # (steps, batch, lr, warmup) per train.py stage. The base trains 800 steps: at 400 it still answered "could you draw
-# an aurora?" like "What is an aurora?" ("An" 0.56 against "I cannot draw" 0.39), and stage 1, a linear read-out of
-# its states, then answered that request in words (P(<imgbos>) 0.03; 1.00 on the 800-step base)
+# an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
+# its states, then answered that request in words (README, "The base reads the verb")
 TRAIN = {0: (800, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 
 

@@ -705,7 +705,7 @@ def _pick(rng, key, tpl):
 # The share of training drawing and describing requests that are a bare imperative ("Draw {}.", "Describe {}."), the
 # form people type most (the README's `python sample.py "draw an aurora"`). As one frame in six, a toy base read the
 # casual "draw an aurora" like "explain an aurora in the night sky" (its nearest training prompt in the base's hidden
-# states) and the ARMOR built on it answered that request in words (P(<imgbos>) 0.15).
+# states) and the ARMOR built on it answered that request in words (tests/test_toy.py checks the shipped one).
 BARE = 0.3
 _BARE = {key: {FRAMES[3].format(v=v, V=v[0].upper() + v[1:], x="{}") for v in verbs} & set(TEMPLATES[key][0])
          for key, verbs in (("draw", DRAW_VERBS), ("describe", DESCRIBE_VERBS))}
