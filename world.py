@@ -707,15 +707,15 @@ def _pick(rng, key, tpl):
 # casual "draw an aurora" like "explain an aurora in the night sky" (its nearest training prompt in the base's hidden
 # states) and the ARMOR built on it answered that request in words (tests/test_toy.py checks the shipped one).
 BARE = 0.3
-_BARE = {key: {FRAMES[3].format(v=v, V=v[0].upper() + v[1:], x="{}") for v in verbs} & set(TEMPLATES[key][0])
-         for key, verbs in (("draw", DRAW_VERBS), ("describe", DESCRIBE_VERBS))}
+_BARE = {key: tuple(sorted(set(_compose((FRAMES[3],), verbs)[0]) & set(TEMPLATES[key][0])))  # "{V} {x}." x verbs,
+         for key, verbs in (("draw", DRAW_VERBS), ("describe", DESCRIBE_VERBS))}                # held-out ones left out
 
 
 def _request(rng, key, tpl):
     """A training conversation's drawing / describing request template (key "draw" or "describe"): a share BARE of
     them bare imperatives. The evaluation's prompt sets keep _pick's uniform choice."""
     if tpl == "train" and rng.random() < BARE:
-        return rng.choice(sorted(_BARE[key]))
+        return rng.choice(_BARE[key])
     return _pick(rng, key, tpl)
 
 
@@ -902,9 +902,9 @@ def base_text_mixture(n, seed, refusals=0.5) -> list:
     and WoHG's stage 1 (which trains only the heads and the new rows on top of the frozen LLM) cannot learn when to
     start an image. The refusal restates the request because a real MLLM's states carry every word of it; a toy base
     whose refusal was one fixed sentence carried the shape on but not the colour, and the drawing model built on it
-    ignored colour words (README, "Why colours were ignored"). Half the records are refusals: with 0.3 the toy base
+    ignored colour words (README, the toy world's recipe). Half the records are refusals: with 0.3 the toy base
     answered "draw an aurora" (lower-case, no full stop) as if asked "describe an aurora", and the ARMOR built on it
-    answered that request in words (P(<imgbos>) 0.01). Used for stage 0 only."""
+    answered that request in words. Used for stage 0 only."""
     rng = random.Random(f"base-t2t/{seed}")
     out = []
     for i in range(n):

@@ -101,7 +101,7 @@ CASUAL_TEXT = ["describe an aurora", "what is an aurora?", "What colour are the 
 def test_shipped_model_starts_a_picture_for_casual_drawing_requests():
     """The first answer token of the README's `python sample.py "draw an aurora"` and of other ways people type a
     drawing request is <imgbos>; describing requests start with text. An earlier model answered "draw an aurora" in
-    words (P(<imgbos>) 0.01): its base read the casual form as "describe an aurora" (README, the recipe). `-s`
+    words: its base read the casual form as "describe an aurora" (README, the recipe). `-s`
     prints every probability."""
     from data import encode_conversation
     model, tok, _ = sample.load(TOY / "armor")
