@@ -2,16 +2,17 @@
 Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know when to draw, and still understand?
 
   python eval.py                                  # toy/armor vs toy/base -> one Markdown table, also eval.md
-  python eval.py --model runs/toy/stage3 --stages runs/toy/stage1 runs/toy/stage2   # understanding per stage
+  python eval.py --model runs/toy/stage3 --vqgan runs/toy/vqgan --stages runs/toy/stage1 runs/toy/stage2
+                                                  # a train.py run (it names no VQGAN), understanding per stage
   python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the guidance sweep behind sample.py's default --cfg
   python eval.py --quick                          # fewer prompts (a smoke run)
   python eval.py --gallery figures/gallery.png    # a captioned sheet of the model's own drawings
 
-Sections (prompts are seeded; world.py holds the prompt sets and the rule-based judges, validated in its tests):
+Sections (prompts are seeded; world.py holds the prompt sets, pictures.py the rule-based judges, validated in tests/test_world.py):
   generation    GenEval's six categories on the object world (single object, two objects, counting, colours,
-                position, colour attribution), scored by world.detect / world.check; held-out compositions apart;
+                position, colour attribution), scored by pictures.detect / pictures.check; held-out compositions apart;
                 and the ceiling the VQGAN allows (the true pictures after an encode-decode round trip, same judge)
-  scenes        drawing requests for the twelve scenes, scored by world.classify_scene
+  scenes        drawing requests for the twelve scenes, scored by pictures.classify_scene
   reading       teacher-forced: how much the codes of a true picture depend on the colour and the shape words
   code context  how much a VQGAN code depends on the pixels around its cell (0: equal cells, equal codes)
   understanding ti2t questions on rendered images; accuracy of the base MLLM and of each stage, and the
@@ -30,6 +31,7 @@ import time
 
 import torch
 
+import pictures
 import world
 from sample import IMAGE_DEFAULT, Sampling, generate, load
 
@@ -76,7 +78,7 @@ def eval_generation(model, tok, vq, n, cfg, seed, heldout=False):
     per = {}
     for it, ans in zip(items, answers):
         img = first_image(vq, ans)
-        per.setdefault(it["category"], []).append(img is not None and world.score_image(it["spec"], img))
+        per.setdefault(it["category"], []).append(img is not None and pictures.score_image(it["spec"], img))
     return geneval_scores(per)
 
 
@@ -94,9 +96,9 @@ def eval_ceiling(vq, n, seed, heldout=False):
     items, rng = world.geneval_prompts(n, seed, heldout=heldout), random.Random(f"ceiling/{seed}")
     per = {}
     for it in items:
-        img = world.render(world.spec_picture(it["spec"], rng))
-        rec = decode_pil(vq, encode_pil(vq, [img], world.SIZE))[0]
-        per.setdefault(it["category"], []).append(world.score_image(it["spec"], rec))
+        img = pictures.render(pictures.spec_picture(it["spec"], rng))
+        rec = decode_pil(vq, encode_pil(vq, [img], pictures.SIZE))[0]
+        per.setdefault(it["category"], []).append(pictures.score_image(it["spec"], rec))
     return geneval_scores(per)
 
 
@@ -105,8 +107,8 @@ def eval_code_context(vq, n, seed):
     code depends on what lies around its cell, which the drawing model must then guess ahead."""
     from vqgan import context_entropy, preprocess
     rng = random.Random(f"code-context/{seed}")
-    pics = [world.render(world.random_objects(rng)) for _ in range(n)]
-    return context_entropy(vq, torch.stack([preprocess(p, world.SIZE) for p in pics]))
+    pics = [pictures.render(pictures.random_objects(rng)) for _ in range(n)]
+    return context_entropy(vq, torch.stack([preprocess(p, pictures.SIZE) for p in pics]))
 
 
 @torch.no_grad()
@@ -133,11 +135,11 @@ def eval_prompt_reading(model, tok, vq, n, seed):
     rise = {"colour": [], "shape": []}
     for it in items:
         spec, item = it["spec"], it["spec"]["include"][0]
-        codes = encode_pil(vq, [world.render(world.spec_picture(spec, rng))], world.SIZE)[0]
+        codes = encode_pil(vq, [pictures.render(pictures.spec_picture(spec, rng))], pictures.SIZE)[0]
         right = code_losses(it["prompt"], codes)
-        for k, choices in (("colour", world.COLOURS), ("shape", world.SHAPES)):
+        for k, choices in (("colour", pictures.COLOURS), ("shape", pictures.SHAPES)):
             other = dict(spec, include=[dict(item, **{k: rng.choice([x for x in choices if x != item[k]])})])
-            request = it["prompt"].replace(world.describe(spec), world.describe(other))
+            request = it["prompt"].replace(pictures.describe(spec), pictures.describe(other))
             rise[k].append((code_losses(request, codes) - right).max().item())
     return {k: sum(v) / len(v) for k, v in rise.items()}
 
@@ -145,7 +147,7 @@ def eval_prompt_reading(model, tok, vq, n, seed):
 def eval_scenes(model, tok, vq, n, cfg, seed):
     items = world.scene_prompts(n, seed)
     answers = answer_all(model, tok, [it["prompt"] for it in items], cfg=cfg, seed=seed)
-    ok = [(img := first_image(vq, a)) is not None and world.classify_scene(img) == it["scene"]
+    ok = [(img := first_image(vq, a)) is not None and pictures.classify_scene(img) == it["scene"]
           for it, a in zip(items, answers)]
     return sum(ok) / len(ok)
 
@@ -256,6 +258,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="ARMOR checkpoint directory")
     ap.add_argument("--base", help="the base InternVL directory (default: the checkpoint's own base)")
+    ap.add_argument("--vqgan", help="VQGAN weights (file or folder), overriding the checkpoint's (a train.py run "
+                         "names none)")
     ap.add_argument("--stages", nargs="*", default=None,
                     help="earlier-stage checkpoints to score for understanding (default, for the shipped model: "
                          "runs/toy/stage1 and stage2 when they exist)")
@@ -272,11 +276,11 @@ def main(argv=None):
 
     torch.manual_seed(0)
     try:
-        model, tok, vq = load(args.model, base=args.base)
+        model, tok, vq = load(args.model, base=args.base, vqgan=args.vqgan)
     except (armor.CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if vq is None:
-        sys.exit(f"error: {args.model} names no VQGAN; pass a checkpoint with one")
+        sys.exit(f"error: {args.model} names no VQGAN; pass --vqgan DIR")
     cfg = sample.DEFAULT_CFG if args.cfg is None else args.cfg
     n = 3 if args.quick else args.n
     t0 = time.time()
@@ -303,10 +307,10 @@ def main(argv=None):
     held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
     def row(name, acc, bold):  # one generation row: the six categories ("-" where a set has none), then overall
         overall = f"**{fmt(acc['overall'])}**" if bold else fmt(acc["overall"])
-        return f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in world.CATEGORIES) + f" | {overall} |"
+        return f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in pictures.CATEGORIES) + f" | {overall} |"
 
-    lines += ["| generation (GenEval-style) | " + " | ".join(world.CATEGORIES) + " | overall |",
-              "|---|" + "---|" * (len(world.CATEGORIES) + 1),
+    lines += ["| generation (GenEval-style) | " + " | ".join(pictures.CATEGORIES) + " | overall |",
+              "|---|" + "---|" * (len(pictures.CATEGORIES) + 1),
               row("training compositions", gen, True), row("held-out compositions", held, True),
               row("VQGAN round trip of the true pictures, training compositions", eval_ceiling(vq, n, args.seed), False),
               row("VQGAN round trip, held-out compositions", eval_ceiling(vq, n, args.seed, heldout=True), False)]
@@ -335,7 +339,7 @@ def main(argv=None):
     ti = eval_ti2ti(model, tok, vq, 2 * n, cfg, args.seed)
 
     lines += ["| measure | value |", "|---|---|",
-              f"| scene accuracy ({len(world.SCENES)} scenes) | **{fmt(scenes)}** |",
+              f"| scene accuracy ({len(pictures.SCENES)} scenes) | **{fmt(scenes)}** |",
               f"| prompt reading: largest rise of a code's loss (nats) when the request names another colour / "
               f"another shape | {reading['colour']:.2f} / {reading['shape']:.2f} |",
               f"| VQGAN codes: H(code \\| the cell's own pixels), nats, object pictures | {code_context:.2f} |"]

@@ -2,7 +2,7 @@
 The toy world, built from nothing in one resumable command: the whole ARMOR recipe at laptop scale.
 
 No model hub is reachable here and ARMOR's data was never released, so the project trains its own small world
-(world.py: coloured shapes and twelve scenes at 64 px, conversations of the four types), and inside it:
+(pictures.py: coloured shapes and twelve scenes at 64 px; world.py: conversations of the four types), and inside it:
   1. data       world.py exports training conversations (JSONL + PNG) into --data
   2. tokenizer  a byte-level BPE on the world's text (tokenizer.py), the way Qwen2's is built
   3. vqgan      a small VQGAN (vqgan.py, Chameleon's architecture at toy width): 64 px -> 8x8 codes, each 8 px
@@ -56,12 +56,14 @@ VQ_CELL_LOCAL = True
 TRAIN = {0: (800, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 
 
+QUICK = {"records": 64, "vq_steps": 20, "train_steps": 4}
+
+
 def _amp():
     """bf16 autocast where the CPU has native bf16 matmuls (AVX512-BF16/AMX: 1.4x faster training measured on the
     2-core EPYC), fp32 elsewhere."""
     ok = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
     return "bfloat16" if ok else "float32"
-QUICK = {"records": 64, "vq_steps": 20, "train_steps": 4}
 
 
 def toy_config():
@@ -138,8 +140,8 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
+    import pictures
     import vqgan
-    import world
     if os.path.exists(os.path.join(p["vq_run"], "model.safetensors")):
         return
 
@@ -148,10 +150,10 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
         pics = []
         for _ in range(batch):
             if rng.random() < 0.5:
-                pics.append(world.scene_picture(rng.choice(list(world.SCENES)), rng))
+                pics.append(pictures.scene_picture(rng.choice(list(pictures.SCENES)), rng))
             else:
-                pics.append(world.random_objects(rng))
-        return torch.stack([vqgan.preprocess(world.render(pic), world.SIZE) for pic in pics])
+                pics.append(pictures.random_objects(rng))
+        return torch.stack([vqgan.preprocess(pictures.render(pic), pictures.SIZE) for pic in pics])
 
     cfg = dataclasses.replace(vqgan.VQGANConfig.toy(), cell_local=cell_local)
     vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality)

@@ -14,6 +14,7 @@ from PIL import Image
 import armor
 import sample
 import vqgan
+import pictures
 import world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +64,8 @@ def test_sample_cli_draws_and_answers(tmp_path):
     htmls = sorted((tmp_path / "a").glob("*.html"))
     assert len(pngs) == 4 and len(htmls) == 4, p.stdout
     imgs = [Image.open(f).convert("RGB") for f in pngs]
-    assert all(img.size == (world.SIZE, world.SIZE) for img in imgs)
-    assert sum(world.classify_scene(img) == "aurora" for img in imgs) >= 3
+    assert all(img.size == (pictures.SIZE, pictures.SIZE) for img in imgs)
+    assert sum(pictures.classify_scene(img) == "aurora" for img in imgs) >= 3
 
     p = run(ROOT / "sample.py", "What colour is the sky on a clear summer day?", "--out", tmp_path / "b")
     assert p.returncode == 0, p.stderr
@@ -85,8 +86,8 @@ def test_shipped_model_draws_what_is_asked():
                               max_new_tokens=model.config.image_grid ** 2 + 48, cfg=sample.DEFAULT_CFG, seed=0)
     assert all(a.images for a in answers)  # every request was answered with a picture
     imgs = vqgan.decode_pil(vq, torch.stack([a.images[0] for a in answers]))
-    ok_objects = sum(world.score_image(it["spec"], im) for it, im in zip(objects, imgs))
-    ok_scenes = sum(world.classify_scene(im) == it["scene"] for it, im in zip(scenes, imgs[len(objects):]))
+    ok_objects = sum(pictures.score_image(it["spec"], im) for it, im in zip(objects, imgs))
+    ok_scenes = sum(pictures.classify_scene(im) == it["scene"] for it, im in zip(scenes, imgs[len(objects):]))
     assert ok_objects >= 2, f"{ok_objects}/{len(objects)} single objects drawn right"
     assert ok_scenes >= len(scenes) // 2, f"{ok_scenes}/{len(scenes)} scenes drawn right"
 
@@ -179,3 +180,9 @@ def test_pipeline_quick_end_to_end(tmp_path):
     for row in ("training compositions", "held-out compositions", "scene accuracy", "understanding (ti2t accuracy)",
                 "response modality, overall", "ti2ti"):
         assert row in table
+    # a train.py run names no VQGAN: eval.py says to pass one, and scores the run with it
+    stage3, vq = tmp_path / "runs" / "stage3", tmp_path / "runs" / "vqgan"
+    p = run(ROOT / "eval.py", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
+    assert p.returncode != 0 and "pass --vqgan" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = run(ROOT / "eval.py", "--model", stage3, "--vqgan", vq, "--quick", "--out", tmp_path / "run.md")
+    assert p.returncode == 0 and "held-out compositions" in (tmp_path / "run.md").read_text(), p.stderr[-3000:]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import pictures
 import world
 from world import SCENES, TYPES
 
@@ -50,10 +51,10 @@ def _blurred_noise(r):
 
 def _lumpy_blobs(r):
     """2-5 lumps, each the union of 2-4 discs of one palette colour, on a world background."""
-    im = Image.new("RGB", (64, 64), r.choice(world.BACKGROUNDS))
+    im = Image.new("RGB", (64, 64), r.choice(pictures.BACKGROUNDS))
     d = ImageDraw.Draw(im)
     for _ in range(r.randint(2, 5)):
-        colour, x, y = r.choice(list(world.COLOURS.values())), r.randint(8, 56), r.randint(8, 56)
+        colour, x, y = r.choice(list(pictures.COLOURS.values())), r.randint(8, 56), r.randint(8, 56)
         for _ in range(r.randint(2, 4)):
             px, py, rad = x + r.randint(-8, 8), y + r.randint(-8, 8), r.randint(3, 6)
             d.ellipse([px - rad, py - rad, px + rad, py + rad], fill=colour)
@@ -71,13 +72,13 @@ def _patch_shuffle(r, im):
 def gt_specs():
     """GenEval specs of all six categories (train) and the held-out ones, with a ground-truth render each."""
     r = random.Random(11)
-    specs = [world.sample_spec(c, r) for c in world.CATEGORIES for _ in range(30)]
-    specs += [world.sample_spec(c, r, heldout=True) for c in world.HELDOUT_CATEGORIES for _ in range(20)]
-    return specs, [world.render(world.spec_picture(s, r)) for s in specs]
+    specs = [pictures.sample_spec(c, r) for c in pictures.CATEGORIES for _ in range(30)]
+    specs += [pictures.sample_spec(c, r, heldout=True) for c in pictures.HELDOUT_CATEGORIES for _ in range(20)]
+    return specs, [pictures.render(pictures.spec_picture(s, r)) for s in specs]
 
 
 def _accuracy(specs, images):
-    return float(np.mean([world.check(s, world.detect(im)) for s, im in zip(specs, images)]))
+    return float(np.mean([pictures.check(s, pictures.detect(im)) for s, im in zip(specs, images)]))
 
 
 # --- determinism -----------------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path):
 def test_detector_on_renders_and_degraded_renders(gt_specs):
     specs, images = gt_specs
     by_cat = {c: _accuracy(*zip(*[(s, im) for s, im in zip(specs, images) if s["category"] == c]))
-              for c in world.CATEGORIES}
+              for c in pictures.CATEGORIES}
     clean = _accuracy(specs, images)
     print(f"\ndetector on {len(specs)} ground-truth renders: {clean:.3f}  " +
           " ".join(f"{c}={a:.2f}" for c, a in by_cat.items()))
@@ -128,9 +129,9 @@ def test_detector_rejects_noise(gt_specs):
         rate = _accuracy(specs, [gen(r) for _ in specs])
         print(f"\n  specs judged correct on {name}: {rate:.3f}", end="")
         assert rate <= 0.02, name
-    hits = [(s["category"], world.check(s, world.detect(_lumpy_blobs(r)))) for s in specs]
+    hits = [(s["category"], pictures.check(s, pictures.detect(_lumpy_blobs(r)))) for s in specs]
     rate = np.mean([h for _, h in hits])
-    per = {c: np.mean([h for k, h in hits if k == c]) for c in world.CATEGORIES}
+    per = {c: np.mean([h for k, h in hits if k == c]) for c in pictures.CATEGORIES}
     print(f"\n  specs judged correct on lumpy blobs: {rate:.3f}  " + " ".join(f"{c}={a:.2f}" for c, a in per.items()))
     # Looser bound, on purpose: a lump made of overlapping discs is often round enough to be "a circle", which
     # GenEval's own detector would grant too; the credit lands on single_object and not on the compositional ones.
@@ -138,37 +139,37 @@ def test_detector_rejects_noise(gt_specs):
 
 
 def test_checker_rules():
-    D = world.Detection
+    D = pictures.Detection
     red_circle, blue_square = D("circle", "red", 10, 30, 200), D("square", "blue", 50, 30, 300)
     spec = {"category": "position", "include": [{"shape": "circle", "count": 1, "position": ["left of", 1]},
                                                 {"shape": "square", "count": 1}]}
-    assert world.check(spec, [red_circle, blue_square])
+    assert pictures.check(spec, [red_circle, blue_square])
     spec["include"][0]["position"] = ["right of", 1]
-    assert not world.check(spec, [red_circle, blue_square])
+    assert not pictures.check(spec, [red_circle, blue_square])
     counting = {"category": "counting", "include": [{"shape": "circle", "count": 2}]}
-    assert not world.check(counting, [red_circle]) and world.check(counting, [red_circle, red_circle])
-    assert not world.check(counting, [red_circle] * 3)  # exact count
+    assert not pictures.check(counting, [red_circle]) and pictures.check(counting, [red_circle, red_circle])
+    assert not pictures.check(counting, [red_circle] * 3)  # exact count
     colors = {"category": "colors", "include": [{"shape": "square", "count": 1, "colour": "red"}]}
-    assert not world.check(colors, [red_circle, blue_square])
+    assert not pictures.check(colors, [red_circle, blue_square])
 
 
 # --- the scene classifier --------------------------------------------------------------------------------------------
 
 def test_scene_classifier():
     r = random.Random(2)
-    renders = [(n, world.render(world.scene_picture(n, r))) for n in SCENES for _ in range(20)]
+    renders = [(n, pictures.render(pictures.scene_picture(n, r))) for n in SCENES for _ in range(20)]
     for name, fn in [("clean", lambda im: im)] + [(k, v[0]) for k, v in MILD.items()] + list(HEAVY.items()):
-        acc = np.mean([world.classify_scene(fn(im)) == n for n, im in renders])
+        acc = np.mean([pictures.classify_scene(fn(im)) == n for n, im in renders])
         print(f"\nscene classifier, {name}: {acc:.3f}", end="")
         assert acc >= 0.99, name
-    negatives = {"object pictures": [world.render(world.random_objects(r)) for _ in range(150)],
+    negatives = {"object pictures": [pictures.render(pictures.random_objects(r)) for _ in range(150)],
                  "uniform noise": [_uniform_noise(r) for _ in range(50)],
                  "blurred noise": [_blurred_noise(r) for _ in range(150)]}
     for name, ims in negatives.items():
-        rate = np.mean([world.classify_scene(im) is not None for im in ims])
+        rate = np.mean([pictures.classify_scene(im) is not None for im in ims])
         print(f"\n  given a scene on {name}: {rate:.3f}", end="")
         assert rate <= 0.01, name
-    shuffled = np.mean([world.classify_scene(_patch_shuffle(r, im)) is not None for _, im in renders[::2]])
+    shuffled = np.mean([pictures.classify_scene(_patch_shuffle(r, im)) is not None for _, im in renders[::2]])
     # not asserted: a shuffled rainforest or starry night still has a rainforest's or a night's colours and texture
     print(f"\n  given a scene on patch-shuffled scenes: {shuffled:.3f} (not asserted)")
 
@@ -176,8 +177,8 @@ def test_scene_classifier():
 # --- the held-out split ----------------------------------------------------------------------------------------------
 
 def _heldout_text_patterns():
-    pats = [rf"\b{c} {s}s?\b" for c, s in world.HELDOUT_COLOUR_SHAPE]
-    pats += [rf"\b({world.NUMBERS[n]}|{n}) {s}s\b" for n, s in world.HELDOUT_COUNT_SHAPE]
+    pats = [rf"\b{c} {s}s?\b" for c, s in pictures.HELDOUT_COLOUR_SHAPE]
+    pats += [rf"\b({pictures.NUMBERS[n]}|{n}) {s}s\b" for n, s in pictures.HELDOUT_COUNT_SHAPE]
     return re.compile("|".join(pats), re.IGNORECASE)
 
 
@@ -200,15 +201,15 @@ def test_train_split_never_holds_heldout_compositions():
             assert not any(t.match(human) for t in templates), (kind, human)
             pics = rec["meta"]["pictures"]["in"] + rec["meta"]["pictures"]["out"]
             for pic, im in zip(pics, rec["image"] + rec["out_images"]):
-                assert world.train_ok([world.Obj(**o) for o in pic["objects"]]), (kind, pic)
-                dets = world.detect(im)  # and what an eye sees in the image, scenes included
-                assert world.train_ok([world.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets]), (kind, dets)
+                assert pictures.train_ok([pictures.Obj(**o) for o in pic["objects"]]), (kind, pic)
+                dets = pictures.detect(im)  # and what an eye sees in the image, scenes included
+                assert pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets]), (kind, dets)
                 n_images += 1
     print(f"\n{n_images} training images and their texts free of held-out compositions")
     # the check can fail: the held-out split does hold them
     held = world.make_mixture("t2i", 60, seed=0, split="heldout")
     assert sum(bool(pattern.search(r["conversations"][0]["value"])) for r in held) >= 15
-    assert any(not world.train_ok([world.Obj(**o) for o in r["meta"]["pictures"]["out"][0]["objects"]]) for r in held)
+    assert any(not pictures.train_ok([pictures.Obj(**o) for o in r["meta"]["pictures"]["out"][0]["objects"]]) for r in held)
     assert all(any(t.match(r["conversations"][0]["value"]) for t in templates) for r in held)
 
 
@@ -229,7 +230,7 @@ def test_records_are_consistent(kind, split):
         text = gpt.replace("<gen_image>", "").strip()
         assert bool(text) == (kind != "t2i"), gpt  # t2i answers with the image only; the others say something
         if rec["out_images"]:  # the drawing satisfies its prompt, as the judges see it
-            assert world.score_image(rec["meta"]["image_spec"], rec["out_images"][0]), (human, rec["meta"])
+            assert pictures.score_image(rec["meta"]["image_spec"], rec["out_images"][0]), (human, rec["meta"])
         if rec["meta"]["answer_spec"]:  # and the reference answer passes its own scorer
             assert world.score_answer(rec["meta"]["answer_spec"], text), (human, gpt)
 
@@ -237,16 +238,16 @@ def test_records_are_consistent(kind, split):
 # --- evaluation helpers ----------------------------------------------------------------------------------------------
 
 def test_eval_sets_and_scorers():
-    held_pairs, held_counts = set(world.HELDOUT_COLOUR_SHAPE), set(world.HELDOUT_COUNT_SHAPE)
+    held_pairs, held_counts = set(pictures.HELDOUT_COLOUR_SHAPE), set(pictures.HELDOUT_COUNT_SHAPE)
     prompts = world.geneval_prompts(4, seed=0)
-    assert Counter(p["category"] for p in prompts) == {c: 4 for c in world.CATEGORIES}
+    assert Counter(p["category"] for p in prompts) == {c: 4 for c in pictures.CATEGORIES}
     for p in world.geneval_prompts(4, seed=0, heldout=True):
         inc = p["spec"]["include"]
         assert any((i.get("colour"), i["shape"]) in held_pairs or (i["count"], i["shape"]) in held_counts for i in inc)
-        assert world.describe(p["spec"]) in p["prompt"]
+        assert pictures.describe(p["spec"]) in p["prompt"]
     for item in world.understanding_set(30, seed=0, heldout=True):
         assert world.score_answer(item["spec"], item["answer"]) and "<image>" in item["prompt"]
-        assert not world.train_ok([world.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in world.detect(item["image"])])
+        assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in pictures.detect(item["image"])])
     mod = world.modality_set(5, seed=0)
     assert Counter(m["expected"] for m in mod) == {"text": 10, "image": 5, "text+image": 10}
     templates = _heldout_template_patterns()
@@ -298,7 +299,7 @@ def test_base_text_mixture_refuses_to_draw():
         spec = r["meta"]["image_spec"]
         assert answer.endswith(world.CANNOT_DRAW.format(world.drawn_phrase(spec)))
         if "scene" not in spec:  # the object phrase is the request's own words, colours and counts included
-            assert world.describe(spec) in request
+            assert pictures.describe(spec) in request
     # the requests are the t2i / t2ti ones: some ask only for a picture, some also ask a question answered first
     assert any(r["conversations"][1]["value"].startswith("I cannot draw") for r in refusals)
     assert any(not r["conversations"][1]["value"].startswith("I cannot draw") for r in refusals)
@@ -311,8 +312,8 @@ def test_no_training_phrasing_matches_a_heldout_one():
     pattern: frames x verbs must not rebuild a held-out phrasing from other words ("Tell me, and create an image of
     it too." once matched the held-out "... And create an image of ... too.")."""
     held = _heldout_template_patterns()
-    questions = [q for sc in world.SCENES.values() for q, _ in sc.questions]
-    questions += [q.format(s) for qs in world.FACT_QUESTIONS.values() for q in qs for s in world.SHAPES]
+    questions = [q for sc in pictures.SCENES.values() for q, _ in sc.questions]
+    questions += [q.format(s) for qs in world.FACT_QUESTIONS.values() for q in qs for s in pictures.SHAPES]
     objects = ["two red circles", "a circle to the left of a square", "an aurora"]
     n = 0
     for key, (train, _) in world.TEMPLATES.items():
