@@ -8,7 +8,8 @@ Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know whe
   python eval.py --quick                          # fewer prompts (a smoke run)
   python eval.py --gallery figures/gallery.png    # a captioned sheet of the model's own drawings
 
-Sections (prompts are seeded; world.py holds the prompt sets, pictures.py the rule-based judges, validated in tests/test_world.py):
+Sections (prompts are seeded; world.py holds the prompt sets, pictures.py the rule-based judges, validated in
+tests/test_world.py):
   generation    GenEval's six categories on the object world (single object, two objects, counting, colours,
                 position, colour attribution), scored by pictures.detect / pictures.check; held-out compositions apart;
                 and the ceiling the VQGAN allows (the true pictures after an encode-decode round trip, same judge)
@@ -305,12 +306,14 @@ def main(argv=None):
              f"`python eval.py{' --quick' if args.quick else ''}`)", ""]
     gen = eval_generation(model, tok, vq, n, cfg, args.seed)
     held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
+    cats = pictures.CATEGORIES
+
     def row(name, acc, bold):  # one generation row: the six categories ("-" where a set has none), then overall
         overall = f"**{fmt(acc['overall'])}**" if bold else fmt(acc["overall"])
-        return f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in pictures.CATEGORIES) + f" | {overall} |"
+        return f"| {name} | " + " | ".join(fmt(acc[c]) if c in acc else "-" for c in cats) + f" | {overall} |"
 
-    lines += ["| generation (GenEval-style) | " + " | ".join(pictures.CATEGORIES) + " | overall |",
-              "|---|" + "---|" * (len(pictures.CATEGORIES) + 1),
+    lines += ["| generation (GenEval-style) | " + " | ".join(cats) + " | overall |",
+              "|---|" + "---|" * (len(cats) + 1),
               row("training compositions", gen, True), row("held-out compositions", held, True),
               row("VQGAN round trip of the true pictures, training compositions", eval_ceiling(vq, n, args.seed), False),
               row("VQGAN round trip, held-out compositions", eval_ceiling(vq, n, args.seed, heldout=True), False)]

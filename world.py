@@ -185,7 +185,8 @@ def _objects_ti2t(rng, comp, tpl):
                                           for _ in range(rng.randint(0, 4 - n)))]
             objs = place(items, rng)
             if all(Counter(o.shape for o in objs)[t] != m for m, t in HELDOUT_COUNT_SHAPE if t != s):
-                return (Picture("objects", objs, random_background(rng)), _pick(rng, "q_count", tpl).format(s), _is(n, s),
+                pic = Picture("objects", objs, random_background(rng))
+                return (pic, _pick(rng, "q_count", tpl).format(s), _is(n, s),
                         {"kind": "count", "answer": n})
     if kind == "where":
         a, b = rng.sample(SHAPES, 2)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import armor
+import pictures
 import sample
 import vqgan
-import pictures
 import world
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 import pictures
 import world
-from world import SCENES, TYPES
+from pictures import SCENES
+from world import TYPES
 
 
 # --- degradations a VQGAN reconstruction might cause, and noise that must not pass as a drawing ---------------------
@@ -209,7 +210,8 @@ def test_train_split_never_holds_heldout_compositions():
     # the check can fail: the held-out split does hold them
     held = world.make_mixture("t2i", 60, seed=0, split="heldout")
     assert sum(bool(pattern.search(r["conversations"][0]["value"])) for r in held) >= 15
-    assert any(not pictures.train_ok([pictures.Obj(**o) for o in r["meta"]["pictures"]["out"][0]["objects"]]) for r in held)
+    assert any(not pictures.train_ok([pictures.Obj(**o) for o in r["meta"]["pictures"]["out"][0]["objects"]])
+               for r in held)
     assert all(any(t.match(r["conversations"][0]["value"]) for t in templates) for r in held)
 
 
@@ -247,7 +249,8 @@ def test_eval_sets_and_scorers():
         assert pictures.describe(p["spec"]) in p["prompt"]
     for item in world.understanding_set(30, seed=0, heldout=True):
         assert world.score_answer(item["spec"], item["answer"]) and "<image>" in item["prompt"]
-        assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in pictures.detect(item["image"])])
+        dets = pictures.detect(item["image"])
+        assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets])
     mod = world.modality_set(5, seed=0)
     assert Counter(m["expected"] for m in mod) == {"text": 10, "image": 5, "text+image": 10}
     templates = _heldout_template_patterns()
