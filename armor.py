@@ -408,8 +408,9 @@ def _mm(x, kind, n, w, b):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     M, xT = x.shape[0], x.T.expand(2, -1, -1)
     y = torch.bmm(w, xT) if b is None else torch.baddbmm(b, w, xT)  # (2, N/2, M): one half of the rows per thread
-    y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N)
-    return y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
+    y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N), column-strided when M > 1
+    y = y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
+    return y if M == 1 else y.contiguous()  # row-major, as F.linear's: see test_fast_linear_rows_come_out_row_major
 
 
 def fast_groups(blocks):
@@ -419,20 +420,21 @@ def fast_groups(blocks):
 
 
 class KVCache:
-    """Pre-allocated keys and values for every layer, indexed by sequence column. One tensor, keys then values on the
-    head axis, (layers, B, 2 n_kv, T_max, hd), so that a decode step reads one view of it; k and v are views."""
+    """Pre-allocated keys and values for every layer, indexed by sequence column. One tensor, keys then values on
+    the second axis, (layers, 2, B, n_kv, T_max, hd): a decode step reads one view of it, writes its new column in one
+    copy, and k, v (layers, B, n_kv, T_max, hd) each fold (B, n_kv) into one batch axis without a copy (a layout with
+    k and v side by side per row made every decode step's attention matmuls copy the whole cache at B > 1)."""
 
     def __init__(self, n_layers, B, n_kv, max_len, hd, dtype, device):
-        self._hold(torch.zeros(n_layers, B, 2 * n_kv, max_len, hd, dtype=dtype, device=device))
+        self._hold(torch.zeros(n_layers, 2, B, n_kv, max_len, hd, dtype=dtype, device=device))
 
     def _hold(self, kv):
-        n_kv = kv.shape[2] // 2
-        self.kv, self.k, self.v = kv, kv[:, :, :n_kv], kv[:, :, n_kv:]  # k, v: (layers, B, n_kv, T_max, hd) each
+        self.kv, self.k, self.v = kv, kv[:, 0], kv[:, 1]
 
     def rows(self, rows: slice):
         """A cache over some rows of this one, sharing its storage (writes go through)."""
         out = KVCache.__new__(KVCache)
-        out._hold(self.kv[:, rows])
+        out._hold(self.kv[:, :, rows])
         return out
 
     def update(self, layer, start, k, v):
@@ -500,10 +502,11 @@ class Block(nn.Module):
 
     def step(self, x, kv, cos, sin, hide, fast):
         """The forward of one new token per row, with the fewest kernel calls (a decode step's time on CPU is mostly
-        per-call overhead and weight reads): x (B, d); kv (B, 2 n_kv, S, hd) this layer's cache up to and including
-        the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); hide (B, 1, 1, S) the
-        padded columns or None. One matmul for q|k|v and one for gate|up (fast_linear), GQA as a reshape (no repeated
-        keys), and plain matmuls for the attention, which at one query cost less than the SDPA kernels' setup."""
+        per-call overhead and weight reads): x (B, d); kv (2, B, n_kv, S, hd) this layer's keys and values up to and
+        including the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); hide
+        (B, 1, 1, S) the padded columns or None. One matmul for q|k|v and one for gate|up (fast_linear), GQA as a
+        reshape (no repeated keys), and plain matmuls for the attention, which at one query cost less than the SDPA
+        kernels' setup."""
         a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
         qkv = fast_linear(fast, (a.q_proj, a.k_proj, a.v_proj), rms_norm(x, n1.weight, n1.eps))
@@ -511,9 +514,9 @@ class Block(nn.Module):
         qk = qkv[:, :nh + nkv]
         # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
         torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
-        kv[:, :, -1] = qkv[:, nh:]  # the new column: keys (after RoPE), then values, in one copy
+        kv[:, :, :, -1] = qkv[:, nh:].view(B, 2, nkv, hd).transpose(0, 1)  # the new column: keys, values in one copy
         q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
-        k, v = kv[:, :nkv], kv[:, nkv:]
+        k, v = kv[0], kv[1]  # (B, n_kv, S, hd) each
         if x.dtype != torch.float32:  # scores and softmax in fp32, like the SDPA kernels
             q, k, v = q.float(), k.float(), v.float()
         att = (q @ k.transpose(-1, -2)) * hd ** -0.5  # (B, nkv, g, S)
@@ -583,7 +586,7 @@ def step_blocks(blocks, x, rope, ctx):
     B = x.shape[0]
     cos, sin = (r.view(B, 1, -1) for r in rope)  # (B, 1, hd)
     sin = sin * _rope_sign(sin)  # [-sin, sin] on the two halves, for Block.step's roll
-    kv = ctx.cache.kv[:, :, :, :ctx.start + 1]  # (layers, B, 2 n_kv, S, hd)
+    kv = ctx.cache.kv[..., :ctx.start + 1, :]  # (layers, 2, B, n_kv, S, hd)
     hide = None if ctx.mask is None else ~ctx.mask  # (B, 1, 1, S)
     x = x[:, 0]
     for i, block in enumerate(blocks):

@@ -308,6 +308,35 @@ def test_fast_decode_equals_module_path(tok, dtype, B):
         assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_linear_rows_come_out_row_major(dtype):
+    # Layouts carry through the elementwise ops that follow: a column-strided (M, N) output of the row-halves bmm
+    # made the next matmul's input column-strided too, and MKL's bmm ran ~4x slower on it (toy decode at batch 2).
+    torch.manual_seed(0)
+    lins = tuple(torch.nn.Linear(64, n, bias=b).to(dtype).requires_grad_(False) for n, b in ((48, True), (37, True)))
+    fast = armor.FastWeights()
+    armor.refresh_fast(fast, [lins])
+    for M in (1, 2, 3):
+        x = torch.randn(M, 64, dtype=dtype)
+        y = armor.fast_linear(fast, lins, x)
+        ref = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in lins], -1)
+        assert y.shape == (M, 85) and y.is_contiguous()
+        assert torch.allclose(y.float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_kv_cache_folds_rows_and_heads_without_copies():
+    # A decode step's attention matmuls fold (B, n_kv) into one batch axis; with keys and values side by side per row
+    # that fold copied the whole cache every layer and step. .view raises where a copy would be needed.
+    cache = armor.KVCache(3, 4, 2, 10, 8, torch.float32, "cpu")
+    for c in (cache, cache.rows(slice(1, 3))):
+        B = c.k.shape[1]
+        for t in (c.k[1, :, :, :6], c.v[2, :, :, :6]):
+            assert t.transpose(-1, -2).reshape(B * 2, 8, 6).data_ptr() == t.data_ptr()  # no copy
+            t.view(B * 2, 6, 8)
+    cache.update(1, 0, torch.ones(4, 2, 3, 8), torch.full((4, 2, 3, 8), 2.0))
+    assert cache.kv[1, 0, :, :, :3].eq(1).all() and cache.kv[1, 1, :, :, :3].eq(2).all() and cache.kv[1, :, :, :, 3:].eq(0).all()
+
+
 def test_fast_weights_follow_weight_changes(tok):
     m = planted(tok, route(tok, tiny_config(tok), "free"), seed=9)
     conv = [ask("draw a red circle")]
