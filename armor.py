@@ -25,8 +25,7 @@ Commands:
 import json
 import math
 import os
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -343,10 +342,10 @@ def rotate_half(x):
 # Decoding fast path (CPU). A decode step multiplies a few rows by every weight once, so its time is the time to read
 # the weights, and nn.Linear reads them slowly at these shapes. `python bench.py --kernels` measures it (GB/s of weight
 # read, 1-2 rows, 2 threads; the range of two runs on the 2-core EPYC, whose figures move between runs):
-#   fp32, 1B shape (150 MB of weights): F.linear 6-13, the weight as two row halves in one torch.bmm 21-29
-#   fp32, toy shape (14 MB):            F.linear 7-19, two bmm row halves 15-28
-#   bf16, 1B shape: F.linear 13-14, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel torch.compile's CPU
-#   backend uses) 19-22, two bmm row halves 9
+#   fp32, 1B shape (150 MB of weights): F.linear 6-14, the weight as two row halves in one torch.bmm 29-52
+#   fp32, toy shape (14 MB):            F.linear 16-33, two bmm row halves 22-42
+#   bf16, 1B shape: F.linear 18-19, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel torch.compile's CPU
+#   backend uses) 24-28, two bmm row halves 11-12
 # So decode steps (one new token per row, no grad, CPU) send every matmul through `fast_linear`, with small groups
 # stacked into one call (q|k|v, gate|up; every group of a toy-sized model). The stacked / packed weights are a second
 # copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy), made by `refresh_fast`

@@ -1,8 +1,8 @@
 """
 Speed of ARMOR's generation and training, each row measured side by side in one run (warm-up excluded, medians).
 
-  python bench.py             # the full table (about 10 minutes on 2 CPU cores)
-  python bench.py --quick     # fewer tokens and repeats (about 3 minutes)
+  python bench.py             # the full table (about 5 minutes on 2 CPU cores)
+  python bench.py --quick     # fewer tokens and repeats (about 2 minutes)
   python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs armor's fast path
 
 Rows:
@@ -11,7 +11,8 @@ Rows:
               checkpoint, at most h*w + 1 tokens so that it cannot open a picture), batch 1 and batch 2 (the shape
               of a CFG step), greedy, no stop token. Decode rate =
               (N - 1) / (time(N tokens) - time(1 token)), the same for both, so the prefill drops out. The bound:
-              steps/s <= read bandwidth / weight bytes read per step (every decoder weight + the text head).
+              steps/s <= read bandwidth / weight bytes read per step (every decoder weight + the text head), the
+              bandwidth read in the row's own interleaved runs (ReadProbe).
   prefill     tokens/s of one 512-token prompt (ours: extend + text head on the last position; HF: forward with
               logits_to_keep=1).
   text-only   a text answer from sample.generate (adapter present, --cfg on) vs the bare LLM in a plain greedy
@@ -73,18 +74,28 @@ def side_by_side(fns, reps):
     return [statistics.median(t) for t in ts]
 
 
-def read_bandwidth(threads=None):
-    """Bytes/s of two reads of 1 GiB of fp32 (far past the caches), best of 6 each: a sum, and the decode path's fp32
-    product (fast_linear's two bmm row halves, 896 columns, one row). The bound takes the faster: a bound must not be
-    beaten, and on this machine the product has streamed faster than the sum (55 against 34 GB/s in one run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads or n)
-    x = torch.ones(2 ** 28)
-    w = x[:2 * 149796 * 896].view(2, 149796, 896)  # the first 1.07 GB of it, as two row halves
-    xT = torch.ones(1, 896).T.expand(2, -1, -1)
-    best = [min(timeit(fn, 0) for _ in range(6)) for fn in (lambda: x.sum(), lambda: torch.bmm(w, xT))]
-    torch.set_num_threads(n)
-    return x.numel() * 4 / best[0], w.numel() * 4 / best[1]
+class ReadProbe:
+    """Two reads of 1 GiB of random fp32 (far past the caches): a sum, and the decode path's fp32 product
+    (fast_linear's two bmm row halves, 896 columns, one row); the bound takes the faster. Each decode row times them
+    interleaved with its own runs (side_by_side), because this machine's read bandwidth drifts: the same 1B-shape
+    fp32 step took 49-65 ms from one process to the next, and a bound read a few minutes earlier was beaten (114%)."""
+
+    def __init__(self):
+        self.x = torch.rand(2 ** 28)
+        self.w = self.x[:2 * 149796 * 896].view(2, 149796, 896)  # the first 1.07 GB of it, as two row halves
+        xT = torch.rand(1, 896).T.expand(2, -1, -1)
+        self.fns = [lambda: self.x.sum(), lambda: torch.bmm(self.w, xT)]
+
+    def rates(self, times):
+        """Bytes/s of (sum, product) from their times."""
+        return self.x.numel() * 4 / times[0], self.w.numel() * 4 / times[1]
+
+    def measure(self, threads, reps=7):
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        out = self.rates([timeit(fn, reps) for fn in self.fns])
+        torch.set_num_threads(n)
+        return out
 
 
 def decode_probe(threads):
@@ -239,7 +250,7 @@ def weight_bytes_per_step(model):
 # Rows
 
 
-def decode_rows(name, model, tok, hf, n_tokens, reps, bw, rows):
+def decode_rows(name, model, tok, hf, n_tokens, reps, probe, rows):
     from data import encode_conversation
 
     conv = [{"role": "user", "content": PROMPT}]
@@ -254,13 +265,16 @@ def decode_rows(name, model, tok, hf, n_tokens, reps, bw, rows):
         def theirs(n):
             return lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False)
 
-        to_n, th_n, to_1, th_1 = side_by_side([ours(n_tokens), theirs(n_tokens), ours(1), theirs(1)], reps)
+        to_n, th_n, to_1, th_1, *tr = side_by_side([ours(n_tokens), theirs(n_tokens), ours(1), theirs(1)]
+                                                   + probe.fns, reps)
+        bw = max(probe.rates(tr))  # read in the same interleaved runs
         ro, rh = B * (n_tokens - 1) / (to_n - to_1), B * (n_tokens - 1) / (th_n - th_1)
         hf_ids = theirs(n_tokens)()[:, x.shape[1]:].tolist()
         same = [a.ids for a in ours(n_tokens)()] == hf_ids
         bound = B * bw / nbytes
         rows.append((f"decode {name} batch {B}", f"{ro:,.1f} tok/s", f"{rh:,.1f} tok/s", f"{ro / rh:.2f}x",
-                     f"bound {bound:,.1f} tok/s: ours {ro / bound:.0%}, HF {rh / bound:.0%}; same tokens: "
+                     f"bound {bound:,.1f} tok/s ({bw / 1e9:.1f} GB/s): ours {ro / bound:.0%}, HF {rh / bound:.0%}; "
+                     f"same tokens: "
                      f"{'yes' if same else 'no'}"))
         print(" | ".join(rows[-1]), flush=True)
 
@@ -389,15 +403,14 @@ def main(argv=None):
         threads = max(probe, key=probe.get)
         note = "decode-shaped bf16 GEMV: " + ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in probe.items())
     torch.set_num_threads(threads)
-    reads = [read_bandwidth(t) for t in sorted({1, threads})]
-    bw_sum, bw_gemv = max(r[0] for r in reads), max(r[1] for r in reads)
-    bw = max(bw_sum, bw_gemv)  # the bound takes the best read bandwidth seen
+    reads = ReadProbe()
+    bw_sum, bw_gemv = reads.measure(threads)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__} | {threads} of {cores} threads ({note}) | load average {load}\n"
-          f"read bandwidth {bw / 1e9:.1f} GB/s (the faster over 1 GiB fp32: sum {bw_sum / 1e9:.1f}, GEMV "
-          f"{bw_gemv / 1e9:.1f}) | matmul peak fp32 {peak32 / 1e9:,.1f} GFLOP/s, bf16 {peak16 / 1e9:,.1f} GFLOP/s "
-          f"(best of 2048^3 and the training GEMM shapes)", flush=True)
+          f"read bandwidth over 1 GiB fp32 now: sum {bw_sum / 1e9:.1f} GB/s, GEMV {bw_gemv / 1e9:.1f} GB/s (each "
+          f"decode row re-reads it side by side) | matmul peak fp32 {peak32 / 1e9:,.1f} GFLOP/s, "
+          f"bf16 {peak16 / 1e9:,.1f} GFLOP/s (best of 2048^3 and the training GEMM shapes)", flush=True)
     if args.kernels:
         kernel_rows(3 if args.quick else 7, rows)
         print_table(rows)
@@ -406,7 +419,7 @@ def main(argv=None):
         model, tok = random_1b(dtype)
         hf = hf_twin(model)
         name = f"1B-shape {str(dtype)[6:]}"
-        decode_rows(name, model, tok, hf, n_tok, reps, bw, rows)
+        decode_rows(name, model, tok, hf, n_tok, reps, reads, rows)
         prefill_row(name, model, hf, 128 if args.quick else 512, 1 if args.quick else 2, rows)
         if dtype == torch.bfloat16:
             text_only_row(name, model, tok, n_tok, reps, rows)
@@ -418,7 +431,7 @@ def main(argv=None):
         # room for h*w codes and <imgend>) and both sides decode text; with more, the toy model, which can draw, may
         # start a picture after the (ignored) end of its answer
         n_toy = min(4 * n_tok, model.config.image_grid ** 2 + 1)
-        decode_rows("toy fp32", model, tok, hf, n_toy, reps, bw, rows)
+        decode_rows("toy fp32", model, tok, hf, n_toy, reps, reads, rows)
         prefill_row("toy fp32", model, hf, 512, reps, rows)
         text_only_row("toy fp32", model, tok, n_toy, reps, rows)
     else:

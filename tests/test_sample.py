@@ -247,8 +247,8 @@ def test_back_to_back_images_stop_where_the_budget_does(tok):
 def test_text_only_answer_never_runs_the_adapter(tok):
     c = tiny_config(tok)
     m = planted(tok, route(tok, c, "t2t"), seed=6)
-    calls = []
-    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in m.armor.adapter]
+    calls, adapt = [], m.adapt  # every adapter run goes through adapt (module forwards and decode steps alike)
+    m.adapt = lambda *a, **k: calls.append(1) or adapt(*a, **k)
     seen = []
     ext = m.extend
     m.extend = lambda state, ids, pixels=None: seen.append(ids.shape) or ext(state, ids, pixels)
@@ -257,9 +257,11 @@ def test_text_only_answer_never_runs_the_adapter(tok):
     assert calls == [] and all(s[0] == 1 for s in seen)  # no adapter, and the unconditional row never ran
     # with an image the unconditional row catches up once, in one call over the prompt and the text so far
     m2 = planted(tok, route(tok, c, "t2ti"), seed=6)
-    ext2, seen2 = m2.extend, []
+    ext2, seen2, calls2, adapt2 = m2.extend, [], [], m2.adapt
     m2.extend = lambda state, ids, pixels=None: seen2.append(tuple(ids.shape)) or ext2(state, ids, pixels)
+    m2.adapt = lambda *a, **k: calls2.append(1) or adapt2(*a, **k)
     generate(m2, tok, [ask("what colour is the sky?")], max_new_tokens=40, text=GREEDY, cfg=3.0)
+    assert len(calls2) > 1  # the spy sees the adapter: the catch-up, then the image's decode steps
     L = len(encode_conversation(tok, c, ask("what colour is the sky?"), add_generation_prompt=True).ids)
     assert seen2[:4] == [(1, L), (1, 1), (1, L + 1), (2, 1)]  # prefill, "Sure", catch-up to <imgbos>, both rows
 
