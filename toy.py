@@ -112,12 +112,19 @@ def toy_defaults(stage):
 # the steps
 
 
-def make_data(p, n_records, seed=0):
+def make_data(p, n_records, seed=0, name_colours=0.0):
     import world
     os.makedirs(p["data"], exist_ok=True)
+    recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
+    made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
+    before = json.load(open(path)) if os.path.exists(path) else {"name_colours": 0.0} if made else recipe
+    if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
+        raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data directory")
+    with open(path, "w") as f:
+        json.dump(recipe, f)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
-            world.write_dataset(world.make_mixture(kind, n, seed, "train"), p["data"], f"{kind}_train")
+            world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours), p["data"], f"{kind}_train")
     if not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records["t2t"] * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
@@ -261,6 +268,9 @@ def main(argv=None):
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
                     help="the VQGAN's encoder reads the whole image (the VQGAN shipped before), not each cell alone")
+    ap.add_argument("--name-colours", type=float, default=0.0,
+                    help="share of t2i object requests rewritten to name the colours drawn (world.with_colours); "
+                         "0 = the shipped recipe")
     args = ap.parse_args(argv)
     p = paths(args.data, args.runs, args.ship)
     if args.start:  # forget the outputs of this step and the later ones
@@ -280,7 +290,7 @@ def main(argv=None):
         fn(*a, **kw)
         timings[name] = time.time() - t
 
-    timed("data", make_data, p, n)
+    timed("data", make_data, p, n, name_colours=args.name_colours)
     timed("tokenizer", make_tokenizer, p)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local)

@@ -347,3 +347,37 @@ def test_training_requests_are_often_bare_and_casual():
     prompts = [p["prompt"] for p in world.geneval_prompts(20, seed=1)]
     share = sum(any(p.lower().startswith(v + " ") for v in draw_bare) for p in prompts) / len(prompts)
     assert share < 0.3  # uniform over the 30 training phrasings: 5 bare ones (1/6)
+
+
+def test_name_colours_rewrites_only_requests_that_named_none():
+    """toy.py --name-colours S (world.make_mixture's name_colours): a share S of the training t2i object requests
+    that name no colour name the colours drawn. Pictures, ids and every other record stay byte for byte; evaluation
+    prompts (the held-out split) never change; each rewritten request describes its own picture."""
+    plain = world.make_mixture("t2i", 600, 3)
+    named = world.make_mixture("t2i", 600, 3, name_colours=0.5)
+    assert [r["id"] for r in named] == [r["id"] for r in plain]
+    assert all(a["out_images"][0].tobytes() == b["out_images"][0].tobytes() for a, b in zip(plain, named))
+    assert all(a["meta"]["pictures"] == b["meta"]["pictures"] for a, b in zip(plain, named))
+    eligible = [i for i, r in enumerate(plain) if r["meta"]["image_spec"].get("category") in world.UNCOLOURED]
+    changed = [i for i, (a, b) in enumerate(zip(plain, named)) if a != b]
+    assert set(changed) <= set(eligible) and 0.4 < len(changed) / len(eligible) < 0.6, (len(changed), len(eligible))
+    for i in changed[:40]:
+        spec, ask = named[i]["meta"]["image_spec"], named[i]["conversations"][0]["value"]
+        assert all(it["colour"] in ask for it in spec["include"]) and pictures.describe(spec) in ask
+        assert pictures.score_image(spec, named[i]["out_images"][0])  # the picture is what the request now says
+        assert plain[i]["conversations"][0]["value"].replace(pictures.describe(plain[i]["meta"]["image_spec"]),
+                                                             "") == ask.replace(pictures.describe(spec), "")
+    assert world.make_mixture("t2i", 60, 3, "heldout", name_colours=1.0) == world.make_mixture("t2i", 60, 3, "heldout")
+    assert world.make_mixture("t2ti", 60, 3, name_colours=1.0) == world.make_mixture("t2ti", 60, 3)
+    with pytest.raises(ValueError, match="share"):
+        world.make_mixture("t2i", 1, 3, name_colours=1.5)
+
+
+def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
+    import toy
+    p = toy.paths(str(tmp_path / "data"), str(tmp_path / "runs"), str(tmp_path / "ship"))
+    toy.make_data(p, {k: 2 for k in TYPES})
+    toy.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
+    with pytest.raises(SystemExit, match="another --data"):
+        toy.make_data(p, {k: 2 for k in TYPES}, name_colours=0.5)
+    assert json.load(open(tmp_path / "data" / "recipe.json")) == {"name_colours": 0.0}
