@@ -77,8 +77,8 @@ def side_by_side(fns, reps):
 class ReadProbe:
     """Two reads of 1 GiB of random fp32 (far past the caches): a sum, and the decode path's fp32 product
     (fast_linear's two bmm row halves, 896 columns, one row); the bound takes the faster. Each decode row times them
-    interleaved with its own runs (side_by_side), because this machine's read bandwidth drifts: the same 1B-shape
-    fp32 step took 49-65 ms from one process to the next, and a bound read a few minutes earlier was beaten (114%)."""
+    interleaved with its own runs (side_by_side), because this machine's read bandwidth drifts: within one run the
+    rows read 35 to 60 GB/s (figures/bench.txt), and a bound read once at start-up was beaten (114%)."""
 
     def __init__(self):
         self.x = torch.rand(2 ** 28)
@@ -274,8 +274,7 @@ def decode_rows(name, model, tok, hf, n_tokens, reps, probe, rows):
         bound = B * bw / nbytes
         rows.append((f"decode {name} batch {B}", f"{ro:,.1f} tok/s", f"{rh:,.1f} tok/s", f"{ro / rh:.2f}x",
                      f"bound {bound:,.1f} tok/s ({bw / 1e9:.1f} GB/s): ours {ro / bound:.0%}, HF {rh / bound:.0%}; "
-                     f"same tokens: "
-                     f"{'yes' if same else 'no'}"))
+                     f"same tokens: {'yes' if same else 'no'}"))
         print(" | ".join(rows[-1]), flush=True)
 
 

@@ -117,7 +117,11 @@ def make_data(p, n_records, seed=0, name_colours=0.0):
     os.makedirs(p["data"], exist_ok=True)
     recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
-    before = json.load(open(path)) if os.path.exists(path) else {"name_colours": 0.0} if made else recipe
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+    else:  # data made before recipes were recorded is the shipped recipe's
+        before = {"name_colours": 0.0} if made else recipe
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data directory")
     with open(path, "w") as f:

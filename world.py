@@ -350,8 +350,8 @@ UNCOLOURED = ("single_object", "two_object", "counting", "position")  # the GenE
 def with_colours(rec) -> dict:
     """A t2i object request that names no colour, rewritten to name the colours its picture has ("paint a blue square
     to the left of a green circle"); other records come back unchanged. Only "colors" and "color_attr" requests name
-    colours (2,676 of 16,000 t2i training records), so the drawing model meets the colour words on few pictures; the
-    picture, the rest of the wording and the record's id are kept, and image_spec gains the colours."""
+    colours, so the drawing model meets the colour words on few pictures; the picture, the rest of the wording and
+    the record's id are kept, and image_spec gains the colours."""
     spec = rec["meta"]["image_spec"]
     if rec["type"] != "t2i" or spec.get("category") not in UNCOLOURED:
         return rec
