@@ -274,6 +274,21 @@ def rms_norm(x, weight, eps):
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
+_EPS = {}
+
+
+def rms_norm_step(x, weight, eps):
+    """rms_norm for the decode fast path, equal up to rounding, in 5 kernel calls where rms_norm makes 7 (F.rms_norm's
+    pow, sum, div, add, rsqrt, mul, then the weight): at a decode step's few rows each call costs more than its work.
+    The sum of squares comes from one vector_norm, mean + eps from one addcmul; bf16 adds the same casts."""
+    key = (eps, x.device)
+    if key not in _EPS:
+        _EPS[key] = torch.tensor(eps, device=x.device)
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    y = x * torch.addcmul(_EPS[key], n, n, value=1 / x.shape[-1]).rsqrt_()  # fp32 (x's dtype promotes)
+    return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -349,7 +364,10 @@ def rotate_half(x):
 # So decode steps (one new token per row, no grad, CPU) send every matmul through `fast_linear`, with small groups
 # stacked into one call (q|k|v, gate|up; every group of a toy-sized model). The stacked / packed weights are a second
 # copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy), made by `refresh_fast`
-# when a State is created and kept until a weight changes; `model.fast_decode = False` goes without.
+# when a State is created and kept until a weight changes; `model.fast_decode = False` goes without. Beyond the
+# weights, a small model's step is mostly per-call overhead (at a few rows each kernel call costs more than its work),
+# so the norms go through rms_norm_step, a step's few ids are checked in Python (few_ids) and Block.step makes as few
+# calls as it can.
 
 _ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -499,31 +517,25 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def step(self, x, kv, cos, sin, hide, fast):
+    def step(self, x, kv, cos, sin, keep, fast):
         """The forward of one new token per row, with the fewest kernel calls (a decode step's time on CPU is mostly
         per-call overhead and weight reads): x (B, d); kv (2, B, n_kv, S, hd) this layer's keys and values up to and
-        including the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); hide
-        (B, 1, 1, S) the padded columns or None. One matmul for q|k|v and one for gate|up (fast_linear), GQA as a
-        reshape (no repeated keys), and plain matmuls for the attention, which at one query cost less than the SDPA
-        kernels' setup."""
+        including the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); keep
+        (B, 1, 1, S) False at padded columns, or None. One matmul for q|k|v and one for gate|up (fast_linear), and one
+        SDPA call for the attention, GQA without repeated keys: the g query heads that read one kv head go in as g
+        queries of one sequence (no causal mask: each sees every column)."""
         a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
-        qkv = fast_linear(fast, (a.q_proj, a.k_proj, a.v_proj), rms_norm(x, n1.weight, n1.eps))
+        qkv = fast_linear(fast, (a.q_proj, a.k_proj, a.v_proj), rms_norm_step(x, n1.weight, n1.eps))
         qkv = qkv.view(B, nh + 2 * nkv, hd)
         qk = qkv[:, :nh + nkv]
         # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
         torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
         kv[:, :, :, -1] = qkv[:, nh:].view(B, 2, nkv, hd).transpose(0, 1)  # the new column: keys, values in one copy
         q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
-        k, v = kv[0], kv[1]  # (B, n_kv, S, hd) each
-        if x.dtype != torch.float32:  # scores and softmax in fp32, like the SDPA kernels
-            q, k, v = q.float(), k.float(), v.float()
-        att = (q @ k.transpose(-1, -2)) * hd ** -0.5  # (B, nkv, g, S)
-        if hide is not None:
-            att = att.masked_fill(hide, float("-inf"))
-        y = (att.softmax(-1) @ v).view(B, nh * hd)  # (B, nkv, g, hd) -> (B, nh hd)
-        x = x + fast_linear(fast, (a.o_proj,), y if y.dtype == x.dtype else y.to(x.dtype))
-        g, u = fast_linear(fast, (m.gate_proj, m.up_proj), rms_norm(x, n2.weight, n2.eps)).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=keep).view(B, nh * hd)
+        x = x + fast_linear(fast, (a.o_proj,), y)
+        g, u = fast_linear(fast, (m.gate_proj, m.up_proj), rms_norm_step(x, n2.weight, n2.eps)).chunk(2, dim=-1)
         return x + fast_linear(fast, (m.down_proj,), F.silu(g) * u)
 
 
@@ -581,15 +593,14 @@ def _rope_sign(t):
 
 def step_blocks(blocks, x, rope, ctx):
     """A decode step (x (B, 1, d), one new token per row, ctx.fast set) through Block.step. What every layer shares
-    is made once here: the RoPE tables, this step's view of the cache and the padding mask."""
+    is made once here: the RoPE tables and this step's view of the cache (the padding mask comes from make_ctx)."""
     B = x.shape[0]
     cos, sin = (r.view(B, 1, -1) for r in rope)  # (B, 1, hd)
     sin = sin * _rope_sign(sin)  # [-sin, sin] on the two halves, for Block.step's roll
     kv = ctx.cache.kv[..., :ctx.start + 1, :]  # (layers, 2, B, n_kv, S, hd)
-    hide = None if ctx.mask is None else ~ctx.mask  # (B, 1, 1, S)
     x = x[:, 0]
     for i, block in enumerate(blocks):
-        x = block.step(x, kv[i], cos, sin, hide, ctx.fast)
+        x = block.step(x, kv[i], cos, sin, ctx.mask, ctx.fast)  # mask (B, 1, 1, S) or None
     return x[:, None]
 
 
@@ -612,11 +623,16 @@ class CausalLM(nn.Module):
 # InternVL2.5: the base MLLM (upstream: modeling_internvl_chat.py, InternVLChatModel).
 
 
+def few_ids(ids):
+    """A decode step's few token ids as a Python list, else None: checks on them then cost no kernel calls."""
+    return ids.reshape(-1).tolist() if ids.numel() <= 64 else None
+
+
 @dataclass
 class State:
     """Generation state: the LLM's KV cache, the adapter's (filled lazily), and the decoder outputs it needs."""
     llm: KVCache
-    pad: torch.Tensor  # (B,) left-padding columns per row
+    pad: torch.Tensor | None  # (B,) left-padding columns per row; None: none padded
     hidden: torch.Tensor | None = None  # (B, T_max, d) decoder outputs, kept only for the adapter's catch-up
     adapter: KVCache | None = None
     length: int = 0  # columns in the LLM cache
@@ -653,12 +669,14 @@ class InternVL(nn.Module):
 
     def _splice(self, ids, x, pixels):
         """Overwrite the <IMG_CONTEXT> rows with the image features, in order (tile 0 token 0 ... last tile)."""
-        where = ids == self.config.img_context_id
-        n = int(where.sum())
+        ctx_id = self.config.img_context_id
         if pixels is None or len(pixels) == 0:
-            if n:
-                raise ValueError(f"{n} <IMG_CONTEXT> tokens but no pixel_values")
+            few = few_ids(ids)
+            if ctx_id in few if few is not None else bool((ids == ctx_id).any()):
+                raise ValueError(f"{int((ids == ctx_id).sum())} <IMG_CONTEXT> tokens but no pixel_values")
             return x
+        where = ids == ctx_id
+        n = int(where.sum())
         feats = self.extract_feature(pixels).reshape(-1, x.shape[-1])
         if feats.shape[0] != n:
             raise ValueError(f"{n} <IMG_CONTEXT> tokens for {len(pixels)} tiles x {self.config.tokens_per_tile}")
@@ -688,12 +706,14 @@ class InternVL(nn.Module):
         lm = self.language_model
         return fast_groups(lm.model.layers) + [(lm.lm_head,)]
 
-    def _heads_fast(self, h, group):
-        """Head matmuls of a decode step (a few rows, no grad, CPU) go through fast_linear too."""
+    def _head(self, norm, group, h):
+        """norm(h) through the stacked weights of a group of heads -> (..., sum of their out_features). A decode
+        step's few rows (no grad, CPU) go through the fast path: rms_norm_step and fast_linear."""
         if not self.fast_decode or h.device.type != "cpu" or torch.is_grad_enabled() or h.numel() > 64 * h.shape[-1]:
-            return None
+            h = norm(h)
+            return group[0](h) if len(group) == 1 else torch.cat([m(h) for m in group], dim=-1)
         refresh_fast(self.fast_weights, [group])
-        return self.fast_weights
+        return fast_linear(self.fast_weights, group, rms_norm_step(h, norm.weight, norm.eps))
 
     def forward(self, ids, pixels=None, targets=None):
         """Base MLLM forward (next-token targets aligned with ids, -100 = ignore) -> (logits, loss)."""
@@ -708,7 +728,7 @@ class InternVL(nn.Module):
     def new_state(self, B, max_len, pad=None, dtype=None, device=None):
         p = next(self.parameters())
         dtype, device, c = dtype or p.dtype, device or p.device, self.config.llm
-        pad = torch.zeros(B, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        pad = None if pad is None or not bool(pad.any()) else pad.to(device)  # None: no row padded (fewer kernels)
         if self.fast_decode and device.type == "cpu":  # the weights must not change while this state is decoded
             refresh_fast(self.fast_weights, self.fast_groups())
         return State(KVCache(c.num_layers, B, c.num_kv_heads, max_len, c.head_dim, dtype, device), pad)
@@ -722,9 +742,7 @@ class InternVL(nn.Module):
         return h
 
     def text_logits(self, h):
-        h = self.language_model.model.norm(h)
-        fast = self._heads_fast(h, (self.language_model.lm_head,))
-        return self.language_model.lm_head(h) if fast is None else fast_linear(fast, (self.language_model.lm_head,), h)
+        return self._head(self.language_model.model.norm, (self.language_model.lm_head,), h)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -769,22 +787,18 @@ class Armor(InternVL):
 
     # --- embeddings: frozen original rows + trainable new rows ("unified embedding") ---------------------------
     def embed(self, ids, pixels=None):
-        V = self.config.llm.vocab_size
-        new = ids >= V
+        V, few = self.config.llm.vocab_size, few_ids(ids)
+        if max(few, default=0) < V if few is not None else not bool((ids >= V).any()):
+            return self._splice(ids, self.language_model.model.embed_tokens(ids), pixels)
+        new = ids >= V  # image codes and the three specials come from the new rows
         x = self.language_model.model.embed_tokens(ids.clamp(max=V - 1))
-        if bool(new.any()):  # image codes and the three specials come from the new rows
-            x = torch.where(new[..., None], self.armor.embed_new((ids - V).clamp(min=0)), x)
+        x = torch.where(new[..., None], self.armor.embed_new((ids - V).clamp(min=0)), x)
         return self._splice(ids, x, pixels)
 
     # --- the two heads ---------------------------------------------------------------------------------------------
     def text_logits(self, h):
         """Text head on decoder outputs (..., d) -> (..., V + 1): the original LM head + the <imgbos> row."""
-        h = self.language_model.model.norm(h)
-        group = (self.language_model.lm_head, self.armor.imgbos_head)
-        fast = self._heads_fast(h, group)
-        if fast is not None:
-            return fast_linear(fast, group, h)
-        return torch.cat([self.language_model.lm_head(h), self.armor.imgbos_head(h)], dim=-1)
+        return self._head(self.language_model.model.norm, (self.language_model.lm_head, self.armor.imgbos_head), h)
 
     def adapt(self, h, start=0, pad=None, cache=None):
         """The adapter on decoder outputs h (B, T, d) -> (B, T, d), the visual head's input (before its norm)."""
@@ -800,9 +814,7 @@ class Armor(InternVL):
 
     def image_logits(self, a):
         """Visual head on adapter outputs (..., d) -> (..., K + 2): <imgend>, <imgpad>, codes."""
-        a = self.armor.adapter_norm(a)
-        fast = self._heads_fast(a, (self.armor.visual_head,))
-        return self.armor.visual_head(a) if fast is None else fast_linear(fast, (self.armor.visual_head,), a)
+        return self._head(self.armor.adapter_norm, (self.armor.visual_head,), a)
 
     def forward(self, ids, pixels=None, targets=None, alpha=1.0, beta=1.0, n_text=None, n_img=None):
         """Training / scoring forward. targets (B, T) are next-token ids aligned with ids (-100 = no target).

@@ -95,7 +95,8 @@ def sample_token(logits, s: Sampling, gen):
 def _rows(state: State, rows: slice) -> State:
     """A State over some rows of another, sharing its tensors (writes go through): the conditional or the
     unconditional half of a guided batch, which advance separately while the answer is text."""
-    return State(state.llm.rows(rows), state.pad[rows], state.hidden[rows], state.adapter.rows(rows), state.length,
+    pad = None if state.pad is None else state.pad[rows]
+    return State(state.llm.rows(rows), pad, state.hidden[rows], state.adapter.rows(rows), state.length,
                  state.adapter_length)
 
 
@@ -160,10 +161,13 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
         return model.extend(cond, seq[:B, col:col + 1])[:, 0]
 
     # Text head mask: <IMG_CONTEXT> only ever stands for input-image features, and ids past the tokenizer's
-    # vocabulary (padded embedding rows) have no text.
+    # vocabulary (padded embedding rows) have no text; no_room also masks <imgbos>, for rows whose budget cannot hold
+    # a whole image.
     text_bias = torch.zeros(V + 1, device=dev)
     text_bias[c.img_context_id] = float("-inf")
     text_bias[len(tok):V] = float("-inf")
+    no_room = text_bias.clone()
+    no_room[V] = float("-inf")
     gen = torch.Generator(device=dev).manual_seed(seed)
 
     h = model.extend(cond, seq[:B, :L], pixels)[:, -1]  # prefill: (B, d) at the last prompt column
@@ -192,9 +196,11 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
         trows = [r for r in range(B) if not done[r] and mode[r] == TEXT]
         irows = [r for r in range(B) if not done[r] and mode[r] == IMAGE]
         if trows:  # text head over [0, V] (V = <imgbos>)
-            logits = model.text_logits(h if len(trows) == B else h[trows]).float() + text_bias
+            # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
             short = [i for i, r in enumerate(trows) if max_new_tokens - len(out[r]) < hw + 2]
-            if short:  # no room left for <imgbos> + h*w codes + <imgend>
+            bias = no_room if len(short) == len(trows) else text_bias
+            logits = model.text_logits(h if len(trows) == B else h[trows]).float() + bias
+            if 0 < len(short) < len(trows):
                 logits[short, V] = float("-inf")
             for r, t in zip(trows, sample_token(logits, text, gen).tolist()):
                 nxt[r] = t

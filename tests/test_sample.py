@@ -326,6 +326,42 @@ def test_fast_linear_rows_come_out_row_major(dtype):
         assert torch.allclose(y.float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_step_equals_rms_norm(dtype):
+    # The decode path's norm (vector_norm + addcmul) against the released form (F.rms_norm): rows of every scale,
+    # down to where eps dominates and an all-zero row, and a width whose 1/d is inexact in binary.
+    torch.manual_seed(0)
+    d, eps = 896, 1e-6
+    x = torch.randn(6, d) * torch.tensor([1e3, 10.0, 1.0, 1e-2, 1e-4, 0.0])[:, None]
+    x, w = x.to(dtype), (1 + torch.randn(d)).to(dtype)
+    ref, got = armor.rms_norm(x, w, eps), armor.rms_norm_step(x, w, eps)
+    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
+    ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -8  # one unit in the last place, relative
+    assert ((got.float() - ref.float()).abs() <= 4 * ulp * ref.float().abs()).all()
+    assert got[-1].eq(0).all() and ref[4].float().abs().max() < 0.2 * ref[2].float().abs().max()  # eps counted
+
+
+def test_decode_step_embedding_checks_ids_in_python(tok):
+    # A few ids (a decode step) are checked as a Python list, more with tensor ops: both give the same rows, and
+    # both refuse <IMG_CONTEXT> without pixels.
+    cfg = tiny_config(tok)
+    torch.manual_seed(0)
+    m = Armor(cfg).eval()
+    armor.init_weights(m, std=0.05)
+    armor.init_armor(m, seed=0)
+    V = cfg.llm.vocab_size
+    ids = torch.tensor([[5, cfg.imgbos_id, cfg.code_offset + 3, 7, cfg.imgend_id]])
+    long = torch.cat([ids, torch.randint(0, 250, (1, 80))], 1)
+    with torch.no_grad():
+        for few in (ids, ids[:, :1], ids[:, 1:3]):
+            assert torch.equal(m.embed(few), m.embed(torch.cat([few, long], 1))[:, :few.shape[1]])
+        assert not torch.equal(m.embed(ids[:, 1:2]), m.language_model.model.embed_tokens(ids[:, 1:2].clamp(max=V - 1)))
+        ctx = torch.tensor([[cfg.img_context_id]])
+        for bad in (torch.cat([ids[:, :1], ctx], 1), torch.cat([long, ctx], 1)):
+            with pytest.raises(ValueError, match="1 <IMG_CONTEXT> tokens but no pixel_values"):
+                m.embed(bad)
+
+
 def test_kv_cache_folds_rows_and_heads_without_copies():
     # A decode step's attention matmuls fold (B, n_kv) into one batch axis; with keys and values side by side per row
     # that fold copied the whole cache every layer and step. .view raises where a copy would be needed.
