@@ -665,13 +665,13 @@ class InternVL(nn.Module):
 
     def embed(self, ids, pixels=None):
         x = self.language_model.model.embed_tokens(ids)  # (B, T, d)
-        return self._splice(ids, x, pixels)
+        return self._splice(ids, x, pixels, few_ids(ids))
 
-    def _splice(self, ids, x, pixels):
-        """Overwrite the <IMG_CONTEXT> rows with the image features, in order (tile 0 token 0 ... last tile)."""
+    def _splice(self, ids, x, pixels, few):
+        """Overwrite the <IMG_CONTEXT> rows with the image features, in order (tile 0 token 0 ... last tile). few:
+        few_ids(ids)."""
         ctx_id = self.config.img_context_id
         if pixels is None or len(pixels) == 0:
-            few = few_ids(ids)
             if ctx_id in few if few is not None else bool((ids == ctx_id).any()):
                 raise ValueError(f"{int((ids == ctx_id).sum())} <IMG_CONTEXT> tokens but no pixel_values")
             return x
@@ -789,11 +789,11 @@ class Armor(InternVL):
     def embed(self, ids, pixels=None):
         V, few = self.config.llm.vocab_size, few_ids(ids)
         if max(few, default=0) < V if few is not None else not bool((ids >= V).any()):
-            return self._splice(ids, self.language_model.model.embed_tokens(ids), pixels)
+            return self._splice(ids, self.language_model.model.embed_tokens(ids), pixels, few)
         new = ids >= V  # image codes and the three specials come from the new rows
         x = self.language_model.model.embed_tokens(ids.clamp(max=V - 1))
         x = torch.where(new[..., None], self.armor.embed_new((ids - V).clamp(min=0)), x)
-        return self._splice(ids, x, pixels)
+        return self._splice(ids, x, pixels, few)
 
     # --- the two heads ---------------------------------------------------------------------------------------------
     def text_logits(self, h):
