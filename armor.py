@@ -357,17 +357,18 @@ def rotate_half(x):
 # Decoding fast path (CPU). A decode step multiplies a few rows by every weight once, so its time is the time to read
 # the weights, and nn.Linear reads them slowly at these shapes. `python bench.py --kernels` measures it (GB/s of weight
 # read, 1-2 rows, 2 threads; the range of two runs on the 2-core EPYC, whose figures move between runs):
-#   fp32, 1B shape (150 MB of weights): F.linear 6-14, the weight as two row halves in one torch.bmm 29-52
-#   fp32, toy shape (14 MB):            F.linear 16-33, two bmm row halves 22-42
-#   bf16, 1B shape: F.linear 18-19, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel torch.compile's CPU
-#   backend uses) 24-28, two bmm row halves 11-12
+#   fp32, 1B shape (150 MB of weights): F.linear 6-14, the weight as two row halves in one torch.bmm 27-34
+#   fp32, toy shape (14 MB):            F.linear 12-30, two bmm row halves 21-35
+#   bf16, 1B shape, one row:  F.linear (oneDNN) 15, ATen's own GEMV (oneDNN switched off for the call) 31-37
+#   bf16, 1B shape, two rows: F.linear 15-18, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel
+#   torch.compile's CPU backend uses) 22-25; two bmm row halves 10-11 at either
 # So decode steps (one new token per row, no grad, CPU) send every matmul through `fast_linear`, with small groups
 # stacked into one call (q|k|v, gate|up; every group of a toy-sized model). The stacked / packed weights are a second
-# copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy), made by `refresh_fast`
-# when a State is created and kept until a weight changes; `model.fast_decode = False` goes without. Beyond the
-# weights, a small model's step is mostly per-call overhead (at a few rows each kernel call costs more than its work),
-# so the norms go through rms_norm_step, a step's few ids are checked in Python (few_ids) and Block.step makes as few
-# calls as it can.
+# copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy; a bf16 weight's
+# oneDNN-prepacked copy is made only once a step has two rows), made by `refresh_fast` when a State is created and
+# kept until a weight changes; `model.fast_decode = False` goes without. Beyond the weights, a small model's step is
+# mostly per-call overhead (at a few rows each kernel call costs more than its work), so the norms go through
+# rms_norm_step, a step's few ids are checked in Python (few_ids) and Block.step makes as few calls as it can.
 
 _ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -385,13 +386,14 @@ class FastWeights(dict):
 
 def _pack(linears):
     """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
-    one per module (a big group, which then needs no stacked copy). bf16 weights are prepacked for oneDNN; the others
-    become two row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
+    one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
+    kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others become two
+    row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
     ws, bs = [m.weight for m in linears], [m.bias for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
     if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
-        w = cat(ws)
-        return [("onednn", w.shape[0], torch.ops.mkldnn._reorder_linear_weight(w, 1), cat(bs))]
+        w = cat(ws).detach()
+        return [("bf16", w.shape[0], [w, None], None if bs[0] is None else cat(bs).detach())]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
     out = []
     for w, b in parts:
@@ -406,7 +408,8 @@ def _pack(linears):
 def refresh_fast(fast, groups):
     """(Re)build the entries of `fast` whose weights changed since they were made (training, .to(), loading)."""
     for g in groups:
-        stamp = tuple((p.data_ptr(), p._version, p.dtype) for m in g for p in m.parameters())
+        # nn.Linear has no submodules, so its own _parameters are all of them (parameters() costs microseconds)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype) for m in g for p in m._parameters.values() if p is not None)
         if fast.get(g, (None,))[0] != stamp:
             fast[g] = (stamp, _pack(g))
 
@@ -421,13 +424,28 @@ def fast_linear(fast, linears, x):
 
 def _mm(x, kind, n, w, b):
     """x (M, K) @ the packed weight -> (M, n)."""
-    if kind == "onednn":  # bf16 prepacked: any number of rows
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    if kind == "bf16":
+        if x.shape[0] == 1:
+            return aten_linear(x, w[0], b)
+        if w[1] is None:
+            w[1] = torch.ops.mkldnn._reorder_linear_weight(w[0], 1)
+        return torch.ops.mkldnn._linear_pointwise(x, w[1], b, "none", [], "")
     M, xT = x.shape[0], x.T.expand(2, -1, -1)
     y = torch.bmm(w, xT) if b is None else torch.baddbmm(b, w, xT)  # (2, N/2, M): one half of the rows per thread
     y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N), column-strided when M > 1
     y = y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
     return y if M == 1 else y.contiguous()  # row-major, as F.linear's: see test_fast_linear_rows_come_out_row_major
+
+
+def aten_linear(x, w, b=None):
+    """F.linear with oneDNN off, so that one bf16 row goes through ATen's own GEMV (fp32 sums, one rounding, as
+    oneDNN's), which reads the weight faster than oneDNN's product does (see the note above)."""
+    on = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, w, b)
+    finally:
+        torch._C._set_mkldnn_enabled(on)
 
 
 def fast_groups(blocks):
@@ -737,7 +755,7 @@ class InternVL(nn.Module):
         """Append tokens ids (B, T) to the state; returns the decoder output (B, T, d) of the new positions."""
         h = self.decode(self.embed(ids, pixels), state.length, state.pad, state.llm)
         if state.hidden is not None:
-            state.hidden[:, state.length:state.length + ids.shape[1]] = h
+            state.hidden.narrow(1, state.length, ids.shape[1]).copy_(h)
         state.length += ids.shape[1]
         return h
 

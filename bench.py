@@ -123,7 +123,8 @@ KERNEL_SHAPES = {"1B-shape": [(1152, 896), (896, 896), (9728, 896), (896, 4864)]
 
 def kernel_rows(reps, rows):
     """GB/s of weight read by decode-shaped products: F.linear against armor's fast path (fast_linear: fp32 as two
-    bmm row halves, bf16 prepacked for oneDNN) and, for reference, the other path's kernel on the same weights."""
+    bmm row halves; bf16 through ATen's GEMV at one row, prepacked for oneDNN at more) and, for reference, the fp32
+    path's kernel on the same bf16 weights."""
     for name, shapes in KERNEL_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             lins = [torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False) for n, k in shapes]
@@ -142,7 +143,7 @@ def kernel_rows(reps, rows):
                 gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9]
                 if len(ts) > 2:
                     gbs.append(sum(w.numel() * w.element_size() for w in halves) / ts[2] / 1e9)
-                kind = "two bmm row halves" if dtype == torch.float32 else "oneDNN prepacked"
+                kind = "two bmm row halves" if dtype == torch.float32 else "ATen GEMV" if M == 1 else "oneDNN prepacked"
                 note = f"F.linear {gbs[0]:.1f} GB/s" + (f"; two bmm row halves on bf16 {gbs[2]:.1f} GB/s"
                                                         if len(gbs) > 2 else "")
                 rows.append((f"kernel {name} {str(dtype)[6:]} {M} row(s)", f"{gbs[1]:.1f} GB/s ({kind})",
@@ -430,9 +431,12 @@ def main(argv=None):
         # room for h*w codes and <imgend>) and both sides decode text; with more, the toy model, which can draw, may
         # start a picture after the (ignored) end of its answer
         n_toy = min(4 * n_tok, model.config.image_grid ** 2 + 1)
-        decode_rows("toy fp32", model, tok, hf, n_toy, reps, reads, rows)
-        prefill_row("toy fp32", model, hf, 512, reps, rows)
-        text_only_row("toy fp32", model, tok, n_toy, reps, rows)
+        # a toy run takes tens of milliseconds, so its rows take the median of 5x the repeats (the 1B rows' count
+        # left their figures moving by several percent between runs)
+        toy_reps = 5 * reps
+        decode_rows("toy fp32", model, tok, hf, n_toy, toy_reps, reads, rows)
+        prefill_row("toy fp32", model, hf, 512, toy_reps, rows)
+        text_only_row("toy fp32", model, tok, n_toy, toy_reps, rows)
     else:
         print(f"(toy rows skipped: no toy checkpoint at {DEFAULT_TOY})")
     train_row(1 if args.quick else 2, peak32, rows)

@@ -133,7 +133,8 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     guided = cfg != 1.0
     G, T = 2 * B if guided else B, L + max_new_tokens
 
-    # Every row's tokens by cache column, left-padded; the unconditional rows B..2B-1 mirror the conditional ones.
+    # The prompts by cache column, left-padded; the unconditional rows B..2B-1 mirror the conditional ones (their
+    # generated columns are written when they catch up: see feed).
     seq = torch.full((G, T), tok.pad, dtype=torch.long, device=dev)
     pad = torch.tensor([L - len(e.ids) for e in rows], device=dev)
     for r, e in enumerate(rows):
@@ -148,17 +149,34 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     cond = _rows(state, slice(0, B)) if guided else state
     uncond = _rows(state, slice(B, G)) if guided else None
 
-    def feed(col, need_visual):
-        """Run column col (already in seq) through the LLM -> decoder outputs (B, d) of the conditional rows.
-        When a visual step follows and guidance is on, the unconditional rows first catch up in one call."""
+    lag = []  # with guidance: the columns only the conditional rows have read (their ids), not yet written to seq
+    # A step's column of ids (B or G rows): on CPU written into a buffer through its numpy view, made once, so that
+    # no step makes a tensor (torch.tensor and .numpy() each make several kernel calls; a toy step is mostly calls)
+    col_ids = {k: torch.empty(k, 1, dtype=torch.long) for k in {B, G}} if dev.type == "cpu" else None
+    col_np = {k: t.numpy() for k, t in col_ids.items()} if col_ids else None
+
+    def ids_of(tokens):
+        if col_ids is None:
+            return torch.tensor([[t] for t in tokens], device=dev)
+        col_np[len(tokens)][:, 0] = tokens
+        return col_ids[len(tokens)]
+
+    def feed(col, nxt, need_visual):
+        """Run column col (nxt: its B ids) through the LLM -> decoder outputs (B, d) of the conditional rows. When a
+        visual step follows and guidance is on, the unconditional rows first catch up in one call."""
         if guided and need_visual:
             if uncond.length < col:
+                if lag:  # the columns [col - len(lag), col): seq is only read here
+                    seq[B:, col - len(lag):col] = torch.tensor(lag, device=dev).T
+                    lag.clear()
                 model.extend(uncond, seq[B:, uncond.length:col])
             state.length = col
-            h = model.extend(state, seq[:, col:col + 1])[:B, 0]
+            h = model.extend(state, ids_of(nxt * 2))[:B, 0]
             cond.length = uncond.length = state.length
             return h
-        return model.extend(cond, seq[:B, col:col + 1])[:, 0]
+        if guided:
+            lag.append(nxt)
+        return model.extend(cond, ids_of(nxt))[:, 0]
 
     # Text head mask: <IMG_CONTEXT> only ever stands for input-image features, and ids past the tokenizer's
     # vocabulary (padded embedding rows) have no text; no_room also masks <imgbos>, for rows whose budget cannot hold
@@ -199,7 +217,7 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
             # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
             short = [i for i, r in enumerate(trows) if max_new_tokens - len(out[r]) < hw + 2]
             bias = no_room if len(short) == len(trows) else text_bias
-            logits = model.text_logits(h if len(trows) == B else h[trows]).float() + bias
+            logits = model.text_logits(h if len(trows) == B else h[trows]) + bias  # float32, as bias is
             if 0 < len(short) < len(trows):
                 logits[short, V] = float("-inf")
             for r, t in zip(trows, sample_token(logits, text, gen).tolist()):
@@ -255,9 +273,7 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
         if t_first is None:
             t_first = time.perf_counter()
         if not all(done):
-            col = L + step
-            seq[:, col] = torch.tensor(nxt * 2 if guided else nxt, device=dev)
-            h = feed(col, any(not done[r] and mode[r] == IMAGE for r in range(B)))
+            h = feed(L + step, nxt, any(not done[r] and mode[r] == IMAGE for r in range(B)))
         if drew:
             t_img, k_img = t_img + time.perf_counter() - ts, k_img + made
         else:

@@ -185,6 +185,20 @@ def test_cached_equals_uncached_text_image_text(tok, cfg_scale):
     assert not torch.equal(got[0].segments[1], got[1].segments[1])
 
 
+def test_guided_second_image_catches_up_on_the_text_between(tok):
+    # With guidance the unconditional rows read only the columns that precede a code: before the second image they
+    # catch up on the <imgend> and the text after the first (columns only the conditional rows had read).
+    c = tiny_config(tok)
+    hw, bos, end = c.image_grid ** 2, c.imgbos_id, c.imgend_id
+    m = planted(tok, {NL: A, A: bos, end: X, X: bos}, seed=2)  # "Sure", image, " d", image, " d", ...
+    convs = [ask("draw a red circle"), ask("what colour is the sky? it is blue. draw it")]
+    budget = 2 * (hw + 3) + 4
+    got = generate(m, tok, convs, max_new_tokens=budget, text=GREEDY, image=GREEDY, cfg=3.0)
+    for conv, a in zip(convs, got):
+        assert a.ids == reference(m, tok, conv, budget, 3.0)
+        assert a.ids[hw + 3:hw + 5] == [X, bos] and spans_ok(a.ids, c, budget) == 2
+
+
 def test_guidance_changes_codes_and_scale_one_changes_nothing(tok):
     m = planted(tok, route(tok, tiny_config(tok), "t2ti"), seed=2)
     conv = [ask("draw a red circle")]
@@ -300,7 +314,7 @@ def test_fast_decode_equals_module_path(tok, dtype, B):
     ids = torch.randint(0, 250, (2, 9))
     fast = decode_steps(m, ids, 4, B)
     packed = [p for e in m.fast_weights.values() for p in e[1]]
-    assert {k for k, *_ in packed} == ({"halves"} if dtype == torch.float32 else {"onednn"})
+    assert {k for k, *_ in packed} == ({"halves"} if dtype == torch.float32 else {"bf16"})
     if dtype == torch.float32:
         assert any(n % 2 for _, n, *_ in packed) and any(len(e[1]) == 2 for e in m.fast_weights.values())
     m.fast_decode = False
@@ -324,6 +338,29 @@ def test_fast_linear_rows_come_out_row_major(dtype):
         ref = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in lins], -1)
         assert y.shape == (M, 85) and y.is_contiguous()
         assert torch.allclose(y.float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.skipif(not armor._ONEDNN_BF16, reason="no oneDNN bf16 kernels on this CPU (bf16 then goes as fp32's)")
+def test_bf16_one_row_goes_through_aten_and_prepacks_only_for_more_rows():
+    # One row: ATen's GEMV on the plain weight (oneDNN switched off around the call, and back on after it, even when
+    # the call fails); the oneDNN-prepacked copy is made only when a call has two rows or more.
+    torch.manual_seed(0)
+    lins = tuple(torch.nn.Linear(96, n, bias=b).bfloat16().requires_grad_(False) for n, b in ((64, True), (33, True)))
+    fast = armor.FastWeights()
+    armor.refresh_fast(fast, [lins])
+    (kind, n, w, b), = fast[lins][1]
+    assert kind == "bf16" and n == 97 and w[1] is None
+    x = torch.randn(1, 96, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear(x.float(), w[0].float(), b.float())
+    y = armor.fast_linear(fast, lins, x)
+    assert w[1] is None and torch._C._get_mkldnn_enabled()
+    assert (y.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()  # one bf16 rounding of fp32 sums
+    with pytest.raises(RuntimeError):
+        armor.aten_linear(torch.randn(1, 95, dtype=torch.bfloat16), w[0])
+    assert torch._C._get_mkldnn_enabled()
+    y2 = armor.fast_linear(fast, lins, torch.cat([x, x]))
+    assert w[1] is not None and torch.equal(y2[0], y2[1])
+    assert (y2[0].float() - ref[0]).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
