@@ -439,7 +439,8 @@ def _mm(x, kind, n, w, b):
 
 def aten_linear(x, w, b=None):
     """F.linear with oneDNN off, so that one bf16 row goes through ATen's own GEMV (fp32 sums, one rounding, as
-    oneDNN's), which reads the weight faster than oneDNN's product does (see the note above)."""
+    oneDNN's), which reads the weight faster than oneDNN's product does (see the note above). The switch is
+    process-wide: an op another thread runs meanwhile goes without oneDNN too (slower, equal up to rounding)."""
     on = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
