@@ -499,8 +499,8 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         # Under autocast the projections come out bf16 but RoPE's fp32 tables promote q and k back to fp32, which
         # sent every training step's attention to SDPA's fp32 kernels. The rotation stays fp32; its result goes back
-        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 357 / 332 to
-        # 242 / 233 ms (median step of two interleaved 60-step runs each, 2 cores).
+        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 357 / 332
+        # to 242 / 233 ms (median step of two interleaved 60-step runs each, 2 cores).
         q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.cache is not None:  # append to the cache, attend over everything cached so far
             k, v = ctx.cache.update(ctx.layer, ctx.start, k, v)
@@ -1217,7 +1217,7 @@ def save_internvl(model: InternVL, path, max_shard_bytes=None):
                 v, model.state_dict()[base + "self_attn.k_proj.weight"],
                 model.state_dict()[base + "self_attn.v_proj.weight"], cfg.llm)
             continue
-        if cfg.llm.arch == "internlm2" and (k.endswith("self_attn.k_proj.weight") or k.endswith("self_attn.v_proj.weight")):
+        if cfg.llm.arch == "internlm2" and k.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
             continue
         sd[to_released_key(k, cfg.llm)] = v.contiguous()
     shards = [{}]
