@@ -217,7 +217,7 @@ def test_each_stage_trains_exactly_its_set(world, capsys):
 
 
 def test_stage0_trains_the_whole_base(world):
-    before_seed = torch.manual_seed(0)  # noqa: F841  train.py builds the model after the same seeding
+    torch.manual_seed(0)  # train.py builds the model after the same seeding
     out = world / "stage0"
     after = train.main(["--stage", "0", "--preset", "tiny", "--tokenizer", str(world / "tok"), *data_args(
         world, ("t2t", "ti2t")), "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--out",
