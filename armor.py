@@ -389,16 +389,16 @@ def _pack(linears):
     one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
     kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others become two
     row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
-    ws, bs = [m.weight for m in linears], [m.bias for m in linears]
+    ws = [m.weight.detach() for m in linears]
+    bs = [None if m.bias is None else m.bias.detach() for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
     if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
-        w = cat(ws).detach()
-        return [("bf16", w.shape[0], [w, None], None if bs[0] is None else cat(bs).detach())]
+        w = cat(ws)
+        return [("bf16", w.shape[0], [w, None], cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
     out = []
     for w, b in parts:
         n, k = w.shape
-        w, b = w.detach(), None if b is None else b.detach()
         if n % 2:
             w, b = torch.cat([w, w.new_zeros(1, k)]), None if b is None else torch.cat([b, b.new_zeros(1)])
         out.append(("halves", n, w.view(2, -1, k), None if b is None else b.view(2, -1, 1)))  # bias as bmm's output

@@ -380,4 +380,4 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     toy.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
     with pytest.raises(SystemExit, match="another --data"):
         toy.make_data(p, {k: 2 for k in TYPES}, name_colours=0.5)
-    assert json.load(open(tmp_path / "data" / "recipe.json")) == {"name_colours": 0.0}
+    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": 0.0}
