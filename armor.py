@@ -1260,12 +1260,32 @@ def _atomic_write_json(obj, path):
 # ARMOR checkpoints: config.json {"armor": <our config>, "base": <InternVL dir or null>} + model.safetensors.
 # Whole: every tensor under our names. Partial (base given): only the tensors ARMOR adds or trains: `armor.*` and
 # the LM head (the text head is trained in stages 1 and 3); everything else comes from the base directory.
+# int8 rows (save_pretrained(int8=True); what the toy world ships, to fit the repository's size budget): every matrix
+# W as q = round(W / s) in int8 with one fp32 scale per row, s = max|W[row]| / 127, stored as "<key>.int8_scale";
+# from_pretrained multiplies them back (each entry within s / 2 of W's).
 PARTIAL_BASE_KEYS = ("language_model.lm_head.weight",)
+INT8_SCALE = ".int8_scale"
 
 
-def save_pretrained(model: Armor, path, base=None, vqgan=None):
+def quantize_rows(w):
+    """A matrix -> (int8 q, fp32 per-row scale s) with q * s within s / 2 of w everywhere."""
+    w = w.float()
+    s = (w.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (w / s).round_().clamp_(-127, 127).to(torch.int8), s
+
+
+def _dequantize_rows(keys, k):
+    q, s = _read_tensor(keys[k], k), _read_tensor(keys[k + INT8_SCALE], k + INT8_SCALE)
+    if q.dtype != torch.int8 or q.dim() != 2 or tuple(s.shape) != (q.shape[0], 1):
+        raise CheckpointError(f"{k!r}: int8 rows need an int8 matrix and one scale per row, got {q.dtype} "
+                              f"{tuple(q.shape)} with scales {tuple(s.shape)}")
+    return q.float() * s.float()
+
+
+def save_pretrained(model: Armor, path, base=None, vqgan=None, int8=False):
     """Write an ARMOR checkpoint: whole, or partial on top of `base`. `vqgan` records where the image decoder is.
-    Relative paths are stored relative to the checkpoint directory (from_pretrained / sample.py resolve them so)."""
+    Relative paths are stored relative to the checkpoint directory (from_pretrained / sample.py resolve them so).
+    int8: matrices as int8 rows (the note above); a quarter of fp32's bytes, a rounding the caller must measure."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -1273,6 +1293,10 @@ def save_pretrained(model: Armor, path, base=None, vqgan=None):
     rel = (lambda p: p if p is None or os.path.isabs(p) else os.path.relpath(p, path))
     if base is not None:
         sd = {k: v for k, v in sd.items() if k.startswith("armor.") or k in PARTIAL_BASE_KEYS}
+    if int8:
+        sd = dict(sd)
+        for k in [k for k, v in sd.items() if v.dim() == 2 and v.is_floating_point()]:
+            sd[k], sd[k + INT8_SCALE] = quantize_rows(sd[k])
     _atomic_save({k: v.contiguous() for k, v in sd.items()}, os.path.join(path, "model.safetensors"), save_file)
     meta = {"format": "armor", "base": rel(base), "armor": model.config.to_dict()}
     if vqgan is not None:
@@ -1293,7 +1317,11 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=
                               f"from_internvl)")
     cfg = ArmorConfig(**meta["armor"])
     keys = _open_safetensors(os.path.join(path, "model.safetensors"))
-    tensors = {k: (lambda k=k, h=h: _read_tensor(h, k)) for k, h in keys.items()}
+    tensors = {k: (lambda k=k, h=h: _read_tensor(h, k)) for k, h in keys.items() if not k.endswith(INT8_SCALE)}
+    for k in [k[:-len(INT8_SCALE)] for k in keys if k.endswith(INT8_SCALE)]:
+        if k not in tensors:
+            raise CheckpointError(f"{path}: {k + INT8_SCALE!r} scales no tensor")
+        tensors[k] = lambda k=k: _dequantize_rows(keys, k)
     if base is None and meta.get("base") is not None:
         base = os.path.normpath(os.path.join(path, meta["base"]))  # a no-op join when it is absolute
     if base is None:

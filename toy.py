@@ -11,7 +11,8 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   5. base       the "existing MLLM": InternViT + mlp1 + Qwen2-layout LLM at toy size, trained ONLY on
                 understanding (t2t, ti2t) with train.py --stage 0. It cannot draw.
   6-8. WoHG     train.py --stage 1, 2, 3 on top of it: the paper's algorithm, unchanged
-  9. ship       fp16 copies into toy/ (vqgan, base + tokenizer, armor): what sample.py and eval.py use by default
+  9. ship       fp16 copies into toy/ (vqgan, base + tokenizer; armor's matrices as int8 rows): what sample.py and
+                eval.py use by default
 
   python toy.py                    # everything; rerun after a kill and it continues where it stopped
   python toy.py --from base        # redo from a step on (drops that step's outputs and the later ones)
@@ -50,6 +51,10 @@ VQ_LOCALITY = 0.0
 # the toy VQGAN encodes every 8 px cell alone (vqgan.VQGANConfig.cell_local): a code is then a function of its cell
 # (H(code | cell) = 0); --no-cell-local trains the whole-image encoder of the VQGAN shipped before
 VQ_CELL_LOCAL = True
+# half of the t2i object requests that name no colour (single object, two objects, counting, position) name the colours
+# drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
+# weakly (README, "Colours named"); --name-colours 0 gives the data of the model shipped before
+NAME_COLOURS = 0.5
 # (steps, batch, lr, warmup) per train.py stage. The base trains 800 steps: at 400 it still answered "could you draw
 # an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
 # its states, then answered that request in words (README, "The base reads the verb")
@@ -112,7 +117,7 @@ def toy_defaults(stage):
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=0.0):
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
     import world
     os.makedirs(p["data"], exist_ok=True)
     recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
@@ -120,10 +125,11 @@ def make_data(p, n_records, seed=0, name_colours=0.0):
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
-    else:  # data made before recipes were recorded is the shipped recipe's
+    else:  # data made before recipes were recorded named no colours
         before = {"name_colours": 0.0} if made else recipe
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
-        raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data directory")
+        raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
+                         f"directory, or --from data to make it again")
     with open(path, "w") as f:
         json.dump(recipe, f)
     for kind, n in n_records.items():
@@ -134,16 +140,17 @@ def make_data(p, n_records, seed=0, name_colours=0.0):
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
 
 
-def make_tokenizer(p, vocab=VOCAB):
-    """A Qwen2-style byte-level BPE trained on every text of the training sets (prompts, answers, system text)."""
+def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
+    """A Qwen2-style byte-level BPE trained on every text of the training sets (prompts, answers, system text). It is
+    the base MLLM's tokenizer, so it reads the sets as the shipped recipe makes them (world.make_mixture with no
+    recipe option), not the files in --data: a change to ARMOR's drawing data (--name-colours) leaves the tokenizer,
+    and with it the base, byte for byte as they were."""
+    import world
     from tokenizer import Tokenizer
     if os.path.exists(os.path.join(p["tok"], "tokenizer.json")):
         return
-    texts = []
-    for kind in N_RECORDS:
-        with open(os.path.join(p["data"], f"{kind}_train.jsonl")) as f:
-            for line in f:
-                texts += [t["value"] for t in json.loads(line)["conversations"]]
+    texts = [t["value"] for kind, n in n_records.items() for r in world.make_mixture(kind, n, seed, "train")
+             for t in r["conversations"]]
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
@@ -240,7 +247,8 @@ def train(stage, p, extra=(), quick=False):
 
 def ship(p):
     """fp16 copies of the trained tokenizer, VQGAN, base and ARMOR into the shipped folder (toy/ in the repo):
-    half the bytes of fp32, and the evaluation runs on exactly these weights."""
+    half the bytes of fp32, ARMOR's matrices a quarter (int8 rows, armor.save_pretrained: every shipped version stays
+    in git's history, which has a size budget), and the evaluation runs on exactly these weights."""
     import armor
     import vqgan
     from tokenizer import Tokenizer
@@ -253,7 +261,7 @@ def ship(p):
     model = armor.from_pretrained(p["stage"][3], dtype=torch.float16, base=os.path.join(s, "base"), verbose=False)
     # relative paths (from here): config.json then names ../base and ../vqgan, so the folder works from any clone
     armor.save_pretrained(model, os.path.join(s, "armor"), base=os.path.relpath(os.path.join(s, "base")),
-                          vqgan=os.path.relpath(os.path.join(s, "vqgan")))
+                          vqgan=os.path.relpath(os.path.join(s, "vqgan")), int8=True)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s) for f in fs)
     print(f"shipped the toy world into {s}: {total / 1e6:.1f} MB")
 
@@ -265,16 +273,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DATA, help="where the generated conversations and code cache go")
     ap.add_argument("--runs", default=RUNS, help="where training outputs go")
-    ap.add_argument("--ship", default=SHIP, help="where the shipped fp16 checkpoints go")
+    ap.add_argument("--ship", default=SHIP, help="where the shipped checkpoints go")
     ap.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
     ap.add_argument("--vq-locality", type=float, default=VQ_LOCALITY,
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
                     help="the VQGAN's encoder reads the whole image (the VQGAN shipped before), not each cell alone")
-    ap.add_argument("--name-colours", type=float, default=0.0,
-                    help="share of t2i object requests rewritten to name the colours drawn (world.with_colours); "
-                         "0 = the shipped recipe")
+    ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
+                    help="share of t2i object requests that name no colour rewritten to name the colours drawn "
+                         "(world.with_colours); 0 = the data of the model shipped before")
     args = ap.parse_args(argv)
     p = paths(args.data, args.runs, args.ship)
     if args.start:  # forget the outputs of this step and the later ones
@@ -295,7 +303,7 @@ def main(argv=None):
         timings[name] = time.time() - t
 
     timed("data", make_data, p, n, name_colours=args.name_colours)
-    timed("tokenizer", make_tokenizer, p)
+    timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local)
     timed("codes", make_codes, p, p["vq_run"])

@@ -382,6 +382,46 @@ def test_save_pretrained_partial_roundtrip(tmp_path, monkeypatch):
     assert_same(armor.from_pretrained("moved/runs/ckpt2", base="moved/base", verbose=False), m)
 
 
+def test_int8_rows_roundtrip_within_half_a_step(tmp_path):
+    """save_pretrained(int8=True), what the toy world ships: each matrix as int8 with one fp32 scale per row, within
+    half a step of the weights (and no closer to a coarser grid); vectors kept as they are; broken pairs refused."""
+    m = partial_setup(tmp_path)
+    with torch.no_grad():
+        m.armor.visual_head.weight[3] = 0  # an all-zero row must stay zero (no 0 / 0)
+    armor.save_pretrained(m, str(tmp_path / "ckpt"), base=str(tmp_path / "base"), int8=True)
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    sd = m.state_dict()
+    mats = {k for k in stored if not k.endswith(armor.INT8_SCALE) and sd[k].dim() == 2}
+    assert mats and "language_model.lm_head.weight" in mats
+    assert set(stored) == {k for k in sd if k.startswith("armor.")} | {"language_model.lm_head.weight"} \
+        | {k + armor.INT8_SCALE for k in mats}
+    loaded = armor.from_pretrained(str(tmp_path / "ckpt"), verbose=False).state_dict()
+    for k in stored:
+        if k.endswith(armor.INT8_SCALE):
+            continue
+        if k not in mats:  # norms, biases: exact
+            assert stored[k].dtype == torch.float32 and torch.equal(loaded[k], sd[k]), k
+            continue
+        q, s = stored[k], stored[k + armor.INT8_SCALE]
+        assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (q.shape[0], 1), k
+        assert q.abs().amax(1).max() == 127  # the scale is set by each row's largest entry
+        err = (loaded[k] - sd[k]).abs()
+        assert (err <= s / 2 * (1 + 1e-5)).all(), k
+        assert err.max() > 0, k  # it did round: int8 is not exact for random weights
+    assert torch.equal(loaded["armor.visual_head.weight"][3], torch.zeros_like(sd["armor.visual_head.weight"][3]))
+    # the rest of the model comes from the base, bit for bit
+    for k in sd.keys() - stored.keys():
+        assert torch.equal(loaded[k], sd[k]), k
+
+    rewrite(tmp_path / "ckpt", "model.safetensors", lambda t: t.update(
+        {"armor.visual_head.weight" + armor.INT8_SCALE: t["armor.visual_head.weight" + armor.INT8_SCALE][:-1]}))
+    with pytest.raises(CheckpointError, match="one scale per row"):
+        armor.from_pretrained(str(tmp_path / "ckpt"), verbose=False)
+    rewrite(tmp_path / "ckpt", "model.safetensors", lambda t: t.update({"armor.nothing" + armor.INT8_SCALE: s}))
+    with pytest.raises(CheckpointError, match="scales no tensor"):
+        armor.from_pretrained(str(tmp_path / "ckpt"), verbose=False)
+
+
 def test_partial_checkpoint_with_a_mismatched_base_errors(tmp_path):
     m = partial_setup(tmp_path)
     armor.save_pretrained(m, str(tmp_path / "ckpt"), base=str(tmp_path / "base"))

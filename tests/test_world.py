@@ -379,5 +379,21 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     toy.make_data(p, {k: 2 for k in TYPES})
     toy.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
     with pytest.raises(SystemExit, match="another --data"):
-        toy.make_data(p, {k: 2 for k in TYPES}, name_colours=0.5)
-    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": 0.0}
+        toy.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
+    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": toy.NAME_COLOURS}
+
+
+def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):
+    """The BPE is the base MLLM's tokenizer: toy.make_tokenizer reads the training sets as the shipped recipe makes
+    them, so data made with --name-colours (other t2i prompts) gives the same tokenizer, and so the same base."""
+    import toy
+    n = {k: 48 for k in TYPES}
+    made = []
+    for share in (0.0, 1.0):
+        p = toy.paths(str(tmp_path / f"data{share}"), str(tmp_path / f"runs{share}"), str(tmp_path / "ship"))
+        toy.make_data(p, n, name_colours=share)
+        toy.make_tokenizer(p, n)
+        made.append(((tmp_path / f"data{share}" / "t2i_train.jsonl").read_bytes(),
+                     (tmp_path / f"runs{share}" / "tokenizer" / "tokenizer.json").read_bytes()))
+    assert made[0][0] != made[1][0]  # the drawing requests differ
+    assert made[0][1] == made[1][1]
