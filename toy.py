@@ -53,7 +53,7 @@ VQ_LOCALITY = 0.0
 VQ_CELL_LOCAL = True
 # half of the t2i object requests that name no colour (single object, two objects, counting, position) name the colours
 # drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
-# weakly (README, "Colours named"); --name-colours 0 gives the data of the model shipped before
+# weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
 # (steps, batch, lr, warmup) per train.py stage. The base trains 800 steps: at 400 it still answered "could you draw
 # an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
@@ -142,8 +142,8 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
 
 def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
     """A Qwen2-style byte-level BPE trained on every text of the training sets (prompts, answers, system text). It is
-    the base MLLM's tokenizer, so it reads the sets as the shipped recipe makes them (world.make_mixture with no
-    recipe option), not the files in --data: a change to ARMOR's drawing data (--name-colours) leaves the tokenizer,
+    the base MLLM's tokenizer, so it reads the sets as world.make_mixture makes them with no recipe option
+    (name_colours 0), not the files in --data: a change to ARMOR's drawing data (--name-colours) leaves the tokenizer,
     and with it the base, byte for byte as they were."""
     import world
     from tokenizer import Tokenizer

@@ -329,7 +329,7 @@ def make_mixture(kind, n, seed, split="train", name_colours=0.0) -> list:
     """n records of one type. split="train": training compositions and phrasings only; "heldout": evaluation
     prompts (held-out compositions where the type has objects to hold out, held-out phrasings). name_colours: the
     share of training t2i object requests that do not name colours rewritten to name the colours drawn (with_colours);
-    0, the shipped recipe, leaves every byte as it was."""
+    0 (the data of the toy model shipped before toy.NAME_COLOURS) leaves every byte as it was."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if kind == "ti2ti" and split == "train":
