@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
@@ -35,7 +34,6 @@ import threading
 import time
 from contextlib import closing, contextmanager, nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -303,19 +301,6 @@ def save_checkpoint(path, obj):
     os.replace(tmp, path)
 
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
-
 def _test_hook_kill_in_save(tmp):
     # tests/test_train.py: SIGKILL in the middle of the K-th checkpoint write (half the file on disk, not renamed)
     k = int(os.environ.get("ARMOR_TEST_KILL_IN_SAVE", "0"))
@@ -482,6 +467,10 @@ def train(args, ddp, rank, world, device, master, log):
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas)
 
     # --- resume ----------------------------------------------------------------------------------------------------
+    # No RNG state in the checkpoint: every random draw of training (data order, type mix, condition-dropout coin,
+    # t2i template) comes from generators seeded by (seed, example index) in data.Mixture, so the saved data position
+    # is the whole random state, and the model has no dropout. The seeding below only makes any future draw
+    # reproducible; tests/test_train_reference.py checks that the loop draws nothing from the global generators.
     step, stats, nonfinite = 0, {k: 0 for k in BAD_KINDS}, 0
     torch.manual_seed(args.seed + rank)
     if args.resume and os.path.exists(ckpt_path):
@@ -501,8 +490,6 @@ def train(args, ddp, rank, world, device, master, log):
         opt.load_state_dict(ck["optimizer"])
         stream.mixture.load_state_dict(ck["data"])
         step, stats, nonfinite = ck["step"], ck["stats"], ck["nonfinite_skipped"]
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank])
         log(f"resumed from {ckpt_path} at step {step}")
     elif args.resume:
         log(f"--resume: no {ckpt_path} yet, starting from scratch")
@@ -527,16 +514,11 @@ def train(args, ddp, rank, world, device, master, log):
     data_state = stream.mixture.state_dict()  # position after the last step taken
 
     def checkpoint():
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         if master:
             save_checkpoint(ckpt_path, {
                 "step": step, "trainable": {n: p.detach().cpu() for n, p in zip(names, params)},
                 "optimizer": opt.state_dict(), "data": data_state, "stats": stats, "nonfinite_skipped": nonfinite,
-                "rng": rngs, "args": vars(args), "global_batch": stream.global_batch, "config": cfg.to_dict()})
+                "args": vars(args), "global_batch": stream.global_batch, "config": cfg.to_dict()})
 
     # --- the loop --------------------------------------------------------------------------------------------------
     V = cfg.llm.vocab_size
