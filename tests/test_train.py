@@ -79,6 +79,20 @@ def run(args, env=None, timeout=120):
     return p
 
 
+def torchrun(args, env=None, timeout=180):
+    """train.py on 2 gloo ranks; the whole process group is killed if it outlives the timeout (a hang)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    p = subprocess.Popen(cmd, cwd=REPO, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        raise AssertionError(f"train.py on 2 ranks still running after {timeout} s:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
 def trained(out):
     """The trainable tensors of a run's ckpt.pt and the step it was written at."""
     ck = torch.load(Path(out) / "ckpt.pt", map_location="cpu", weights_only=False)
