@@ -17,7 +17,7 @@ plus a webdataset shard, a VQ code cache with random codes.
   --strict-data stops at the first with its name. Bad records on one rank only: both ranks take every step, the
   counts add up over the ranks, the weights equal one process's, and --strict-data stops both ranks. A non-finite
   loss stops the run naming step and batch, or is skipped and counted with --skip-nonfinite.
-- The paper's own check of the step (loss by hand, torch's AdamW) and the stage table: tests/test_train_reference.py.
+- One optimizer step against a plain-PyTorch reference, and the paper's stage table as literals: test_train_reference.py.
 """
 
 import json
