@@ -17,7 +17,8 @@ plus a webdataset shard, a VQ code cache with random codes.
   --strict-data stops at the first with its name. Bad records on one rank only: both ranks take every step, the
   counts add up over the ranks, the weights equal one process's, and --strict-data stops both ranks. A non-finite
   loss stops the run naming step and batch, or is skipped and counted with --skip-nonfinite.
-- One optimizer step against a plain-PyTorch reference, and the paper's stage table as literals: test_train_reference.py.
+- One optimizer step against a plain-PyTorch reference, and the paper's stage table as literals:
+  tests/test_train_reference.py.
 """
 
 import json
