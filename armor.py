@@ -947,14 +947,19 @@ def init_weights(module, std=0.02):
 def init_armor(model: Armor, seed=None):
     """Random init of the new tensors. The new embedding rows take the scale of the original rows, so image
     tokens enter the frozen decoder at the magnitude it was trained on."""
+    # Drawn on the CPU from one seeded generator, then moved: the same seed gives the same initial weights on every
+    # device (a CUDA generator would draw other numbers), and the statistics below stay on the model's device.
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     a = model.armor
+
+    def randn(shape, std, mean=0.0):  # on the model's device (copy_ casts to the weight's dtype)
+        return (torch.randn(shape, generator=g).to(a.embed_new.weight.device) * std + mean)
+
     ref = model.language_model.model.embed_tokens.weight.float()
-    e = torch.randn(a.embed_new.weight.shape, generator=g) * ref.std() + ref.mean()
-    a.embed_new.weight.copy_(e.to(a.embed_new.weight.dtype))
+    a.embed_new.weight.copy_(randn(a.embed_new.weight.shape, ref.std(), ref.mean()))
     for m in [a.imgbos_head, a.visual_head, *a.adapter.modules()]:
         if isinstance(m, nn.Linear):
-            m.weight.copy_((torch.randn(m.weight.shape, generator=g) * 0.02).to(m.weight.dtype))
+            m.weight.copy_(randn(m.weight.shape, 0.02))
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, RMSNorm):

@@ -27,12 +27,14 @@ vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for t
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -92,32 +94,59 @@ def _data_args(p, stage):
 
 
 def toy_defaults(stage):
-    """train.py's defaults with no data or model arguments (issue 4, item 7): the toy world's data, and the shipped
-    toy checkpoints as the starting point. The data is exported (and its codes cached with the shipped VQGAN) on
-    first use; a later stage starts from the earlier stage's output when there is one."""
+    """train.py's defaults with no data or model arguments: the toy world's data, and the shipped toy checkpoints as
+    the starting point. The data the stage reads is exported (and its codes cached with the shipped VQGAN) on first
+    use, by one process while any others wait (torchrun starts every rank with the same arguments); a later stage
+    starts from the earlier stage's output when there is one."""
+    from data import STAGE_MIX
     p = paths()
     if not os.path.exists(os.path.join(SHIP, "armor", "config.json")):
         raise SystemExit(f"error: the toy checkpoints are missing from {SHIP}; build them with `python toy.py`")
-    make_data(p, N_RECORDS)
-    make_codes(p, os.path.join(SHIP, "vqgan"))
+    kinds = {t: N_RECORDS[t] for t in STAGE_MIX[stage] if t in N_RECORDS}
+    with prepared_once(p["data"]):
+        make_data(p, kinds, base_text=stage == 0)
+        if stage > 0:
+            make_codes(p, os.path.join(SHIP, "vqgan"))
     steps, batch, lr, warmup = TRAIN[stage]
-    out = dict(data=_data_args(p, stage), codes=p["codes"], out=os.path.join("out", f"toy_stage{stage}"),
+    out = dict(data=_data_args(p, stage), out=os.path.join("out", f"toy_stage{stage}"),
                steps=steps, batch_size=batch, lr=lr, warmup=warmup)
     if stage == 0:
         out.update(preset="toy", tokenizer=os.path.join(SHIP, "base"))
-    elif stage == 1:
-        out["base"] = os.path.join(SHIP, "base")
     else:
+        out["codes"] = p["codes"]
+    if stage == 1:
+        out["base"] = os.path.join(SHIP, "base")
+    elif stage > 1:
         prev = os.path.join("out", f"toy_stage{stage - 1}")
         out["init"] = prev if os.path.exists(os.path.join(prev, "config.json")) else os.path.join(SHIP, "armor")
     return out
+
+
+@contextmanager
+def prepared_once(folder):
+    """Hold an exclusive lock on `folder` while preparing what goes into it: with several processes asking at once
+    (torchrun's ranks, two runs) the first prepares and the others wait, then find it made. The kernel releases the
+    lock of a process that dies, so a killed preparation blocks no one; its half-written files are never read, since
+    every file is renamed into place whole and the code cache records whether it is complete."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to prepare {folder} ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
+    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
     import world
     os.makedirs(p["data"], exist_ok=True)
     recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
@@ -130,13 +159,14 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(recipe, f)
+    os.replace(path + ".tmp", path)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
             world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours), p["data"], f"{kind}_train")
-    if not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
-        n = n_records["t2t"] * 2
+    if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
+        n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
 
 
@@ -188,6 +218,7 @@ def make_codes(p, vq_dir):
                              f"it (or run `python toy.py --from codes`) to encode the images again.")
         return
     srcs = [os.path.join(p["data"], f"{t}_train.jsonl") for t in ("t2i", "t2ti")]
+    srcs = [s for s in srcs if os.path.exists(s)]  # train.py's toy defaults export only what their stage reads
     vqgan.build_cache(model, srcs, p["codes"], size=64, batch=64, vqgan_path=vq_dir)
 
 
@@ -302,11 +333,13 @@ def main(argv=None):
         fn(*a, **kw)
         timings[name] = time.time() - t
 
-    timed("data", make_data, p, n, name_colours=args.name_colours)
+    with prepared_once(p["data"]):
+        timed("data", make_data, p, n, name_colours=args.name_colours)
     timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local)
-    timed("codes", make_codes, p, p["vq_run"])
+    with prepared_once(p["data"]):
+        timed("codes", make_codes, p, p["vq_run"])
     for stage in (0, 1, 2, 3):
         timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)
     timed("ship", ship, p)

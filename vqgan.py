@@ -629,7 +629,9 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
     sha = hashlib.sha1()  # fingerprint of the weights, so a rerun cannot mix codes of two tokenizers
     for k, v in model.state_dict().items():
         sha.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    meta = {"vqgan": str(vqgan_path), "weights_sha1": sha.hexdigest(), "dtype": str(model.quant_conv.weight.dtype),
+    # the VQGAN as an absolute path: train.py records it in the checkpoints it writes, so sampling finds the decoder
+    vq = os.path.abspath(vqgan_path) if vqgan_path else ""
+    meta = {"vqgan": vq, "weights_sha1": sha.hexdigest(), "dtype": str(model.quant_conv.weight.dtype),
             "config": asdict(cfg), "size": size, "grid": [h, w]}
     if (out / "meta.json").exists():
         old = json.loads((out / "meta.json").read_text())
