@@ -917,6 +917,17 @@ def set_trainable(model: Armor, stage=None, groups=None):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def frozen_matmuls(model: InternVL):
+    """The frozen weights that training may store in bf16: under bf16 autocast every matmul reads its weight cast to
+    bf16, so storing a frozen one that way changes no number and halves its memory (what lets an 8B stage 2 fit one
+    80 GB GPU per rank). Linear / Conv2d tensors of the base only, outside what checkpoints save (ARMOR's modules,
+    the LM head); norms, embedding tables and every trainable tensor stay fp32, AdamW's master weights."""
+    saved = {k.rsplit(".", 1)[0] for k in PARTIAL_BASE_KEYS}
+    return [p for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and not name.startswith("armor.") and name not in saved
+            for p in m.parameters(recurse=False) if not p.requires_grad]
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Initialisation of ARMOR's new tensors (random, as in the paper), and of whole models for the toy world / tests.
 
@@ -1370,9 +1381,12 @@ def describe(name, cfg: ArmorConfig):
           f"adapter {groups['adapter']:,} ({cfg.num_adapter_layers} blocks), visual head {groups['visual_head']:,}")
     total = _count(m)
     for s, gs in STAGE_GROUPS.items():
+        set_trainable(m, s)
         n = sum(groups[g] for g in gs)
-        # train.py keeps weights in fp32 under bf16 autocast; AdamW holds two fp32 moments per trainable tensor
-        gb = (4 * total + (4 + 8) * n) / 2 ** 30
+        # train.py under bf16 autocast: frozen base matmuls in bf16, every other tensor fp32; a trainable one also
+        # has an fp32 gradient and AdamW's two fp32 moments
+        half = sum(p.numel() for p in frozen_matmuls(m))
+        gb = (2 * half + 4 * (total - half) + (4 + 8) * n) / 2 ** 30
         print(f"  WoHG stage {s}: trainable {n:,} ({' + '.join(gs)}); weights + grads + AdamW {gb:.1f} GiB "
               f"before activations")
     print(f"  sampling in bf16: weights {2 * total / 2 ** 30:.1f} GiB")

@@ -184,7 +184,7 @@ def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
-def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL):
+def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL, device="cpu"):
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
@@ -204,12 +204,12 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
         return torch.stack([vqgan.preprocess(pictures.render(pic), pictures.SIZE) for pic in pics])
 
     cfg = dataclasses.replace(vqgan.VQGANConfig.toy(), cell_local=cell_local)
-    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality)
+    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality, device=device)
 
 
-def make_codes(p, vq_dir):
+def make_codes(p, vq_dir, device="cpu"):
     import vqgan
-    model = vqgan.load_vqgan(vq_dir)
+    model = vqgan.load_vqgan(vq_dir, device=device)
     if os.path.exists(os.path.join(p["codes"], "meta.json")) and _cache_complete(p):
         agree = codes_agree(p, model)
         if agree < 0.9:
@@ -244,17 +244,18 @@ def _cache_complete(p):
     return meta.get("complete", True)
 
 
-def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100):
-    """The train.py command line of one resumable CPU run (toy.py's stages and ablations.py's arms)."""
+def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100, device="cpu"):
+    """The train.py command line of one resumable run (toy.py's stages and ablations.py's arms)."""
+    dtype = _amp() if device == "cpu" else "bfloat16"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
            "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
-           "--save-every", str(save_every), "--device", "cpu", "--dtype", _amp()]
+           "--save-every", str(save_every), "--device", device, "--dtype", dtype]
     for d in data:
         cmd += ["--data", d]
     return cmd
 
 
-def train(stage, p, extra=(), quick=False):
+def train(stage, p, extra=(), quick=False, device="cpu"):
     """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt)."""
     steps, batch, lr, warmup = TRAIN[stage]
     if quick:
@@ -264,7 +265,7 @@ def train(stage, p, extra=(), quick=False):
         return
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, ".running"), "w").close()
-    cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage))
+    cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage), device=device)
     if stage == 0:
         cmd += ["--preset", "toy", "--tokenizer", p["tok"]]
     else:
@@ -307,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--ship", default=SHIP, help="where the shipped checkpoints go")
     ap.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where the VQGAN, the codes and every stage run "
+                                                    "(the shipped recipe ran on the CPU)")
     ap.add_argument("--vq-locality", type=float, default=VQ_LOCALITY,
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
@@ -337,11 +340,11 @@ def main(argv=None):
         timed("data", make_data, p, n, name_colours=args.name_colours)
     timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
-          cell_local=args.cell_local)
+          cell_local=args.cell_local, device=args.device)
     with prepared_once(p["data"]):
-        timed("codes", make_codes, p, p["vq_run"])
+        timed("codes", make_codes, p, p["vq_run"], args.device)
     for stage in (0, 1, 2, 3):
-        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)
+        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick, device=args.device)
     timed("ship", ship, p)
     print("toy: done in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import armor
@@ -217,19 +216,6 @@ def build_model(args, device, codes, vqgan, verbose):
         base = None if base is None else os.path.normpath(os.path.join(args.init, base))
     src = base or args.init
     return model, Tokenizer.from_dir(src), src, base
-
-
-def store_frozen_matmuls(model, dtype):
-    """Under bf16 autocast every matmul reads its weight cast to bf16, so a frozen base weight can be stored that way:
-    the same numbers, half the memory (what lets an 8B stage 2 fit one 80 GB GPU per rank). Only Linear / Conv2d
-    tensors of the base outside what checkpoints save (ARMOR's modules, the LM head) are cast; norms, embeddings and
-    every trainable tensor stay fp32, AdamW's master weights."""
-    saved = {k.rsplit(".", 1)[0] for k in armor.PARTIAL_BASE_KEYS}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and not name.startswith("armor.") and name not in saved:
-            for p in m.parameters(recurse=False):
-                if not p.requires_grad:
-                    p.data = p.data.to(dtype)
 
 
 def vqgan_of(args, codes):
@@ -486,8 +472,9 @@ def train(args, ddp, rank, world, device, master, log):
     if is_armor:
         check_vq(cfg, codes, vqgan)
     what = trainable_set(model, args)
-    if amp_dtype == torch.bfloat16:
-        store_frozen_matmuls(model, amp_dtype)
+    if amp_dtype == torch.bfloat16:  # same numbers, half the memory (armor.frozen_matmuls)
+        for p in armor.frozen_matmuls(model):
+            p.data = p.data.to(amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     model.grad_ckpt = model.vision_model.grad_ckpt = args.grad_ckpt

@@ -744,7 +744,7 @@ class CodeCache:
 
 
 def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", log_every=100, resume=True,
-                restart_every=100, locality=0.0) -> VQGAN:
+                restart_every=100, locality=0.0, device="cpu") -> VQGAN:
     """Train a VQGAN from scratch: loss = MSE(recon, x) + VQ loss (taming's legacy order: commitment term with
     weight 1 + 0.25 * codebook term). MSE rather than L1: on toy drawings it gave 0.025 held-out MSE after 2000
     steps where L1 gave 0.034 (and a plain autoencoder with L1 0.026).
@@ -764,12 +764,12 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = VQGAN(cfg)
+    model = VQGAN(cfg).to(device)  # initialised on the CPU first: the same weights from the seed on every device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    usage = torch.zeros(cfg.n_embed, dtype=torch.long)  # code counts since the last restart check
+    usage = torch.zeros(cfg.n_embed, dtype=torch.long, device=device)  # code counts since the last restart check
     step, state_path = 0, out / "train_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = torch.load(state_path, map_location=device, weights_only=True)
         if st["config"] != asdict(cfg):
             raise ValueError(f"{state_path}: was trained with config {st['config']}, not {asdict(cfg)}")
         if st.get("locality", 0.0) != locality:
@@ -777,7 +777,7 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         usage, step = st["usage"], st["step"]
-        torch.set_rng_state(st["rng"])
+        torch.set_rng_state(st["rng"].cpu())
         print(f"vqgan train: resumed from {state_path} at step {step}")
 
     def save_state():
@@ -787,10 +787,10 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
 
     model.train()
     bar = tqdm(total=steps, initial=step, unit="step", desc="vqgan train")
-    window_codes = torch.zeros(cfg.n_embed, dtype=torch.bool)  # codes used since the last log line
+    window_codes = torch.zeros(cfg.n_embed, dtype=torch.bool, device=device)  # codes used since the last log line
     t0, step0 = time.time(), step
     while step < steps:
-        x = batches(step) if callable(batches) else next(batches)
+        x = (batches(step) if callable(batches) else next(batches)).to(device)
         # lr: constant, then cosine to 10% over the last half (sharper final reconstructions)
         frac = max(0.0, step / steps - 0.5) * 2
         for g in opt.param_groups:
@@ -841,7 +841,7 @@ def _context_pairs(x, f, step):
     h, w = H // f, W // f
     dy, dx = (int(v) for v in torch.randint(-(h // 2), h // 2 + 1, (2,), generator=g))
     moved = torch.roll(x, (dy * f, dx * f), dims=(2, 3)).clone()
-    keep = torch.ones(B, h, w, dtype=torch.bool)
+    keep = torch.ones(B, h, w, dtype=torch.bool, device=x.device)
     donor = torch.roll(x, 1, dims=0)
     for i in range(B):
         bh, bw = (int(v) for v in torch.randint(1, h // 2 + 1, (2,), generator=g))
@@ -878,8 +878,9 @@ def _restart_dead_codes(model, opt, usage, z):
     k = min(len(dead), len(cand))
     if k == 0:
         return
-    pick, dead = cand[torch.randperm(len(cand))[:k]], dead[:k]
-    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(k, zf.shape[1])
+    # drawn from the CPU generator whatever the device, as the rest of the run's randomness
+    pick, dead = cand[torch.randperm(len(cand)).to(cand.device)[:k]], dead[:k]
+    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(k, zf.shape[1]).to(zf.device)
     st = opt.state.get(emb)
     if st:  # forget the Adam moments of the re-seeded rows
         st["exp_avg"][dead] = 0

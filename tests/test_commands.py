@@ -113,7 +113,7 @@ def test_frozen_matmuls_in_bf16_train_the_same_bits(world, tmp_path, monkeypatch
     models = {}
     for name in ("bf16", "fp32"):
         if name == "fp32":
-            monkeypatch.setattr(train, "store_frozen_matmuls", lambda model, dtype: None)
+            monkeypatch.setattr(armor, "frozen_matmuls", lambda model: [])
         models[name] = train.main(stage_args(world, tmp_path / name, stage=3, dtype="bfloat16"))
     dtypes = {n: p.dtype for n, p in models["bf16"].named_parameters()}
     q = "language_model.model.layers.0.self_attn.q_proj.weight"
