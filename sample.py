@@ -528,13 +528,21 @@ def _atomic(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
+def visible(tok):
+    """-> str -> str that drops the text of special tokens (<|endoftext|>, <img>, ...) that an answer may hold: what
+    the terminal and the page show. The answer itself (and so a chat's history) keeps them."""
+    specials = [t.content for t in tok.tk.get_added_tokens_decoder().values() if t.special]
+    pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+    return (lambda s: pattern.sub("", s)) if pattern else (lambda s: s)
+
+
 class Writer:
     """Decodes each finished code grid right away and saves it as `{stem}_image{k}.png`; then writes the HTML.
     An earlier run's page and PNGs of the same stems are removed first, so a page never sits beside images that
     are not its own."""
 
-    def __init__(self, out_dir, vq, stems):
-        self.out, self.vq, self.stems = Path(out_dir), vq, stems
+    def __init__(self, out_dir, vq, stems, clean=lambda s: s):
+        self.out, self.vq, self.stems, self.clean = Path(out_dir), vq, stems, clean
         self.out.mkdir(parents=True, exist_ok=True)
         for stem in stems:
             for p in self.out.glob(f"{stem}*"):
@@ -563,7 +571,7 @@ class Writer:
             body.append(f"<h3>{role}</h3>")
             for s in segments:
                 if isinstance(s, str):
-                    body.append(f"<p>{html.escape(s).replace(chr(10), '<br>')}</p>")
+                    body.append(f"<p>{html.escape(self.clean(s)).replace(chr(10), '<br>')}</p>")
                 else:
                     body.append(f'<p><img src="{next(pngs).name}" width="256" style="image-rendering: pixelated">'
                                 f'</p>')
@@ -576,7 +584,7 @@ class Writer:
     def shown(self, row, segments):
         """An answer for the terminal: its text, each image as the path of its PNG (never a placeholder token)."""
         pngs = iter(self.paths[row])
-        return "".join(s if isinstance(s, str) else f"[image: {next(pngs, '?')}]" for s in segments)
+        return "".join(self.clean(s) if isinstance(s, str) else f"[image: {next(pngs, '?')}]" for s in segments)
 
 
 def _settings(args, prefix):
@@ -655,11 +663,11 @@ def _main(argv):
               cfg=args.cfg, seed=args.seed)
 
     if args.chat:
-        chat(model, tok, Writer(args.out, vq, ["chat"]), args.image, kw, ck)
+        chat(model, tok, Writer(args.out, vq, ["chat"], visible(tok)), args.image, kw, ck)
         return
     stems = ["answer"] if args.n == 1 else [f"answer{j}" for j in range(args.n)]
-    w = Writer(args.out, vq, stems)
-    stream = (lambda r, s: print(s, end="", flush=True)) if args.n == 1 else None
+    w = Writer(args.out, vq, stems, visible(tok))
+    stream = (lambda r, s: print(w.clean(s), end="", flush=True)) if args.n == 1 else None
     stats = {}
     answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [args.image], n=args.n,
                        on_text=stream, on_image=w.image, stats=stats, **kw)
@@ -694,7 +702,7 @@ def chat(model, tok, w, images, kw, ck, read=input):
             continue
         print("armor> ", end="", flush=True)
         stats, w.decode_s = {}, 0.0
-        (a,) = generate(model, tok, [history], [images], on_text=lambda r, s: print(s, end="", flush=True),
+        (a,) = generate(model, tok, [history], [images], on_text=lambda r, s: print(w.clean(s), end="", flush=True),
                         on_image=w.image, stats=stats, **kw)
         print()
         history.append(a.message())

@@ -300,3 +300,12 @@ def test_n_answers_print_no_placeholder_token(toy, capsys):
     out = capsys.readouterr().out
     assert "<gen_image>" not in out and out.count("--- answer") == 2
     assert f"[image: {toy / 'out' / 'answer0_image0.png'}]" in out
+
+
+def test_special_token_text_is_not_shown(toy_model, tmp_path):
+    _, tok, vq = toy_model
+    w = sample.Writer(tmp_path, vq, ["answer"], sample.visible(tok))
+    w.paths[0] = [tmp_path / "answer_image0.png"]
+    segments = ["Sure<|endoftext|>, here", torch.zeros(8, 8, dtype=torch.long), "<|im_start|>done"]
+    assert w.shown(0, segments) == f"Sure, here[image: {tmp_path / 'answer_image0.png'}]done"
+    assert "endoftext" not in w.html(0, [("assistant", segments)]).read_text()
