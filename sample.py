@@ -345,7 +345,7 @@ def _one_line(e) -> str:
 
 @dataclass
 class Checkpoint:
-    """An ARMOR checkpoint directory with what its config.json names resolved and checked to exist."""
+    """An ARMOR checkpoint directory with the paths its config.json names resolved (the base checked to exist)."""
     dir: Path
     config_path: Path
     config: ArmorConfig
@@ -354,16 +354,16 @@ class Checkpoint:
     tokenizer_dir: Path  # the checkpoint itself when it holds tokenizer files, else the base
 
 
-def _recorded(ck_dir, meta, key, override, flag):
-    """A path of config.json, resolved against the checkpoint, or its override (which must exist)."""
+def _recorded(ck_dir, meta, key, override):
+    """A path of config.json, resolved against the checkpoint, or its override (--base / --vqgan, which must exist)."""
     if override is not None:
         if not os.path.exists(override):
-            raise UsageError(f"{flag.split()[0]} {override}: no such file or directory")
+            raise UsageError(f"--{key} {override}: no such file or directory")
         return Path(override)
     return Path(os.path.abspath(ck_dir / meta[key])) if meta.get(key) else None  # absolute: a no-op join
 
 
-def _must_exist(p, ck: "Checkpoint", flag, what):
+def _must_exist(p, ck: Checkpoint, flag, what):
     if not p.exists():  # typically a moved or copied output folder: name the file that named it, and the way out
         raise CheckpointError(f"the {what} {p} named by {ck.config_path} does not exist; pass {flag}")
 
@@ -389,8 +389,8 @@ def read_checkpoint(path, base=None, vqgan=None) -> Checkpoint:
     except (KeyError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{cfg_path}: \"armor\" does not hold an ArmorConfig ({type(e).__name__}: "
                               f"{_one_line(e)})") from None
-    base = _recorded(path, meta, "base", base, "--base DIR")
-    vq = _recorded(path, meta, "vqgan", vqgan, "--vqgan PATH")
+    base = _recorded(path, meta, "base", base)
+    vq = _recorded(path, meta, "vqgan", vqgan)
     tok_dir = path if Tokenizer.kind_in(path) else base
     if tok_dir is None:
         raise CheckpointError(f"{path} holds no tokenizer (tokenizer.json, vocab.json + merges.txt or "
