@@ -1326,12 +1326,18 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"no config.json in {path}")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "armor":
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # not UTF-8 or not JSON: the decoder's message alone does not name the file
+        raise CheckpointError(f"{cfg_path}: not a JSON file ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "armor":
         raise CheckpointError(f"{cfg_path} is not an ARMOR checkpoint (for a released InternVL2.5 directory use "
                               f"from_internvl)")
-    cfg = ArmorConfig(**meta["armor"])
+    try:
+        cfg = ArmorConfig(**meta["armor"])
+    except (KeyError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"{cfg_path}: \"armor\" does not hold an ArmorConfig ({type(e).__name__}: {e})") from None
     keys = _open_safetensors(os.path.join(path, "model.safetensors"))
     tensors = {k: (lambda k=k, h=h: _read_tensor(h, k)) for k, h in keys.items() if not k.endswith(INT8_SCALE)}
     for k in [k[:-len(INT8_SCALE)] for k in keys if k.endswith(INT8_SCALE)]:
@@ -1340,6 +1346,9 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=
         tensors[k] = lambda k=k: _dequantize_rows(keys, k)
     if base is None and meta.get("base") is not None:
         base = os.path.normpath(os.path.join(path, meta["base"]))  # a no-op join when it is absolute
+        if not os.path.isdir(base):  # a moved or copied output folder: say which file named the path, and the way out
+            raise CheckpointError(f"the base directory {base} named by {cfg_path} does not exist; pass --base DIR "
+                                  f"(the InternVL2.5 directory the checkpoint was trained on)")
     if base is None:
         with torch.device("meta"):
             model = Armor(cfg)

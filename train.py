@@ -209,11 +209,11 @@ def build_model(args, device, codes, vqgan, verbose):
         over.update({f: getattr(args, f) for f in ARMOR_FIELDS if getattr(args, f) is not None})
         model = armor.from_internvl(args.base, device=device, seed=args.seed, verbose=verbose, **over)
         base = args.base
-    else:
-        model = armor.from_pretrained(args.init, device=device, verbose=verbose)
-        with open(os.path.join(args.init, "config.json")) as f:
-            base = json.load(f).get("base")
-        base = None if base is None else os.path.normpath(os.path.join(args.init, base))
+    else:  # sample.py's loader: the same tokenizer rule and path checks as sampling
+        from sample import load_armor
+
+        model, tok, ck = load_armor(args.init, device=device, verbose=verbose)
+        return model, tok, str(ck.tokenizer_dir), None if ck.base is None else str(ck.base)
     src = base or args.init
     return model, Tokenizer.from_dir(src), src, base
 
