@@ -18,7 +18,7 @@ import unicodedata
 import pytest
 import regex
 
-from conftest import CHAT_MARKERS, write_internlm2_tokenizer, write_qwen2_tokenizer
+from conftest import write_internlm2_tokenizer, write_qwen2_tokenizer
 from tokenizer import QWEN2_SPLIT_REGEX, SYSTEM_MESSAGE, Tokenizer, build_prompt, expand_images
 
 # ---- text ------------------------------------------------------------------------------------------------------------
