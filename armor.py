@@ -1190,8 +1190,9 @@ def _count(m):
 # what a released InternVL2.5 directory's config.json says it is (spec internvl25.md section 1a); the remote code's
 # InternVLChatConfig (configuration_internvl_chat.py) sets it, a bare Qwen2 / InternLM2 LLM directory says otherwise
 INTERNVL_MODEL_TYPE = "internvl_chat"
-# the tokenizer files one of the three kinds of tokenizer.Tokenizer.from_dir needs (spec section 7), in its order
-TOKENIZER_KINDS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+# the files of each kind of tokenizer that tokenizer.Tokenizer.from_dir reads (spec section 7), for the messages
+TOKENIZER_FILES = {"tokenizer.json": "tokenizer.json", "qwen2": "vocab.json + merges.txt",
+                   "internlm2": "tokenizer.model"}
 
 
 def check_tokenizer(path, cfg: ArmorConfig):
@@ -1200,7 +1201,8 @@ def check_tokenizer(path, cfg: ArmorConfig):
     -> a description for the summary line, e.g. "tokenizer vocab.json + merges.txt, 151,674 ids"."""
     from tokenizer import Tokenizer
 
-    if not any(all(os.path.isfile(os.path.join(path, f)) for f in kind) for kind in TOKENIZER_KINDS):
+    kind = Tokenizer.kind_in(path)
+    if kind is None:
         half = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(path, f))]
         raise CheckpointError(f"{path}: no tokenizer" + (f" ({half[0]} without its partner)" if half else "") +
                               "; expected tokenizer.json, vocab.json + merges.txt (Qwen2) or tokenizer.model "
@@ -1214,8 +1216,7 @@ def check_tokenizer(path, cfg: ArmorConfig):
         raise CheckpointError(f"{path}: the tokenizer ({len(tok)} tokens, <IMG_CONTEXT> = {tok.img_context}) does "
                               f"not fit config.json (vocab_size {cfg.llm.vocab_size}, <IMG_CONTEXT> expected at "
                               f"{cfg.img_context_id})")
-    kind = next(k for k in TOKENIZER_KINDS if all(os.path.isfile(os.path.join(path, f)) for f in k))
-    return f"tokenizer {' + '.join(kind)}, {len(tok):,} ids"
+    return f"tokenizer {TOKENIZER_FILES[kind]}, {len(tok):,} ids"
 
 
 def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, verbose=True, tokenizer=False,
