@@ -1187,18 +1187,60 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, verbose=True, **overrides):
+# what a released InternVL2.5 directory's config.json says it is (spec internvl25.md section 1a); the remote code's
+# InternVLChatConfig (configuration_internvl_chat.py) sets it, a bare Qwen2 / InternLM2 LLM directory says otherwise
+INTERNVL_MODEL_TYPE = "internvl_chat"
+# the files of each kind of tokenizer that tokenizer.Tokenizer.from_dir reads (spec section 7), for the messages
+TOKENIZER_FILES = {"tokenizer.json": "tokenizer.json", "qwen2": "vocab.json + merges.txt",
+                   "internlm2": "tokenizer.model"}
+
+
+def check_tokenizer(path, cfg: ArmorConfig):
+    """The tokenizer beside the weights must exist and fit them: as many ids as the embedding has rows, and
+    <IMG_CONTEXT> where the config puts it (released: the 9 InternVL tokens close the vocabulary).
+    -> a description for the summary line, e.g. "tokenizer vocab.json + merges.txt, 151,674 ids"."""
+    from tokenizer import Tokenizer
+
+    kind = Tokenizer.kind_in(path)
+    if kind is None:
+        half = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(path, f))]
+        raise CheckpointError(f"{path}: no tokenizer" + (f" ({half[0]} without its partner)" if half else "") +
+                              "; expected tokenizer.json, vocab.json + merges.txt (Qwen2) or tokenizer.model "
+                              "(InternLM2) beside config.json")
+    try:
+        tok = Tokenizer.from_dir(path)
+    except Exception as e:  # malformed files: ValueError, KeyError, or the tokenizers library's own exception
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {first})") from None
+    if len(tok) != cfg.llm.vocab_size or tok.img_context != cfg.img_context_id:
+        raise CheckpointError(f"{path}: the tokenizer ({len(tok)} tokens, <IMG_CONTEXT> = {tok.img_context}) does "
+                              f"not fit config.json (vocab_size {cfg.llm.vocab_size}, <IMG_CONTEXT> expected at "
+                              f"{cfg.img_context_id})")
+    return f"tokenizer {TOKENIZER_FILES[kind]}, {len(tok):,} ids"
+
+
+def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, verbose=True, tokenizer=False,
+                  **overrides):
     """Load a released InternVL2.5 directory (config.json + model.safetensors or shards + index).
     The model is built on the meta device and every tensor is assigned once (no second copy). With armor=True the
-    ARMOR additions are added with a random init; with armor=False this is the plain base MLLM."""
+    ARMOR additions are added with a random init; with armor=False this is the plain base MLLM.
+    tokenizer=True also requires the directory's tokenizer and checks that it fits (check_tokenizer), before any
+    weight is read: what `python armor.py --load` does, since a base without one can be neither trained nor sampled."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"no config.json in {path}")
     try:
         with open(cfg_path) as f:
-            cfg = config_from_internvl(json.load(f), **overrides)
-    except ValueError as e:  # unsupported architecture, missing field, not JSON
+            cfg_json = json.load(f)
+        if not isinstance(cfg_json, dict):
+            raise ValueError(f"expected a JSON object, got {type(cfg_json).__name__}")
+        if cfg_json.get("model_type") != INTERNVL_MODEL_TYPE:
+            raise ValueError(f"model_type {cfg_json.get('model_type')!r}, expected {INTERNVL_MODEL_TYPE!r} "
+                             f"(a released InternVL2.5 directory)")
+        cfg = config_from_internvl(cfg_json, **overrides)
+    except ValueError as e:  # another model, unsupported architecture, missing field, not JSON
         raise CheckpointError(f"{cfg_path}: {e}") from None
+    tok_note = check_tokenizer(path, cfg) if tokenizer else None
     with torch.device("meta"):
         model = (Armor if armor else InternVL)(cfg)
     base = model.armor if armor else None
@@ -1213,6 +1255,7 @@ def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, v
         init_armor(model, seed)
     if verbose:
         extra = f", ARMOR adds {_count(model.armor):,} new parameters" if armor else ""
+        extra += f"; {tok_note}" if tok_note else ""
         print(f"loaded {n} tensors from {path}: {_count(model):,} parameters, {dtype}{extra}")
     return model
 
@@ -1406,12 +1449,15 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="print the parameter counts of one preset")
-    ap.add_argument("--load", help="load a released InternVL2.5 directory and print a summary")
+    ap.add_argument("--load", help="load a released InternVL2.5 directory (weights, config.json, tokenizer) "
+                                   "strictly and print a summary")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     if args.load:
+        if not os.path.isdir(args.load):
+            raise SystemExit(f"error: --load {args.load}: no such directory")
         try:
-            from_internvl(args.load, getattr(torch, args.dtype))
+            from_internvl(args.load, getattr(torch, args.dtype), tokenizer=True)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
     else:

@@ -16,6 +16,12 @@ Commands
       encode + decode images, writes <name>_recon.png side by side with the input.
   python vqgan.py bench [--runs 3]
       CPU fp32 timings of encode / decode at 256 px, released config, random weights.
+  python vqgan.py random --out DIR [--ch 32] [--ch-mult 1,1,1,1] [--codes 64] [--embed-dim 16] [--seed 0]
+      a VQGAN with random weights written exactly as Chameleon releases its tokenizer: DIR/vqgan.ckpt (a pickled
+      {"state_dict": ...} of fp32 tensors under taming's key names) and DIR/vqgan.yaml (taming's layout). For tests
+      and smoke runs of the released-weights commands (README, tests/test_road.py). The defaults give f = 8
+      (32 px -> 4x4 codes of 64), 0.2M parameters; widths are multiples of 32 because taming hard-codes
+      GroupNorm(32). `--ch 128 --ch-mult 1,1,2,2,4 --codes 8192 --embed-dim 256` is the released shape.
 
 Python
   model = load_vqgan("tokenizer/")           # vqgan.ckpt (+ vqgan.yaml) or model.safetensors (+ config.json)
@@ -493,6 +499,60 @@ def save_vqgan(model: VQGAN, out_dir):
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write(out / "model.safetensors", lambda p: save_file(sd, str(p)))
     _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(asdict(model.config), indent=2) + "\n"))
+
+
+def to_yaml(cfg: VQGANConfig) -> str:
+    """vqgan.yaml for a config, in the layout of Chameleon's tokenizer/vqgan.yaml (taming's VQModel config; the
+    values of spec section 1). The lossconfig block is taming's usual one: the released text is not public, and
+    every loader (ours, chameleon/inference/image_tokenizer.py) ignores it."""
+    if cfg.num_groups != 32 or cfg.cell_local:
+        raise ValueError("vqgan.yaml cannot carry num_groups != 32 or cell_local (taming hard-codes GroupNorm(32) "
+                         "and encodes whole images); write config.json with save_vqgan instead")
+    dd = [("double_z", "false"), ("z_channels", cfg.z_channels), ("resolution", cfg.resolution),
+          ("in_channels", cfg.in_channels), ("out_ch", cfg.out_ch), ("ch", cfg.ch)]
+    lines = ["model:", "  base_learning_rate: 4.5e-06", "  target: taming.models.vqgan.VQModel", "  params:",
+             f"    embed_dim: {cfg.embed_dim}", f"    n_embed: {cfg.n_embed}", "    ddconfig:"]
+    lines += [f"      {k}: {v}" for k, v in dd]
+    lines += ["      ch_mult:"] + [f"      - {m}" for m in cfg.ch_mult]
+    lines += [f"      num_res_blocks: {cfg.num_res_blocks}", "      attn_resolutions: []",
+              f"      dropout: {float(cfg.dropout)}",
+              "    lossconfig:", "      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+              "      params:", "        disc_conditional: false", "        disc_in_channels: 3",
+              "        disc_start: 0", "        disc_weight: 0.8", "        codebook_weight: 1.0"]
+    return "\n".join(lines) + "\n"
+
+
+def save_released(model: VQGAN, out_dir):
+    """Write vqgan.ckpt + vqgan.yaml as Meta ships its tokenizer (spec section 2): a torch pickle of
+    {"state_dict": OrderedDict of fp32 tensors} under taming's key names, which load_vqgan(out_dir) and
+    chameleon/inference/vqgan.py both read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(model.config)  # first: refuse a config the yaml cannot describe before writing anything
+    sd = type(model.state_dict())((k, v.detach().cpu().float().contiguous().clone())
+                                  for k, v in model.state_dict().items())
+    _atomic_write(out / "vqgan.ckpt", lambda p: torch.save({"state_dict": sd}, p))
+    _atomic_write(out / "vqgan.yaml", lambda p: p.write_text(text))
+
+
+@torch.no_grad()
+def random_vqgan(cfg: VQGANConfig, seed=0) -> VQGAN:
+    """A VQGAN with random weights in which every tensor counts: biases and GroupNorm affines moved off their 0 / 1
+    init, and the codebook drawn (plus noise) from the quantizer inputs of random blocky pictures, so that different
+    pictures get different codes (at the uniform init nearly every cell falls on a handful of codes)."""
+    with torch.random.fork_rng():  # leave the caller's global generator as it was
+        torch.manual_seed(seed)
+        model = VQGAN(cfg).eval()
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".norm" in name:
+                p.add_(0.1 * torch.randn(p.shape))
+        side = 4 * cfg.factor  # 4x4 cells; colours constant over 1, 2 or 4 cells
+        x = torch.cat([F.interpolate(torch.rand(8, 3, k, k) * 2 - 1, size=(side, side), mode="nearest")
+                       for k in (1, 2, 4)])
+        z = model.encode_z(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+        pick = torch.randint(len(z), (cfg.n_embed,))
+        model.quantize.embedding.weight.copy_(z[pick] + 0.5 * z.std() * torch.randn(cfg.n_embed, cfg.embed_dim))
+    return model.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -988,6 +1048,14 @@ def main(argv=None):
     r.add_argument("--size", type=int, default=256)
     b = sub.add_parser("bench", help="CPU timings, released config, random weights")
     b.add_argument("--runs", type=int, default=3)
+    m = sub.add_parser("random", help="write a random VQGAN in Chameleon's released layout (vqgan.ckpt + .yaml)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--ch", type=int, default=32, help="width of the first level (a multiple of 32)")
+    m.add_argument("--ch-mult", default="1,1,1,1", help="width multipliers, one level each; f = 2^(levels-1)")
+    m.add_argument("--codes", type=int, default=64, help="codebook size (n_embed)")
+    m.add_argument("--embed-dim", type=int, default=16, help="code vector size (also z_channels)")
+    m.add_argument("--num-res-blocks", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "cache":
@@ -1014,6 +1082,22 @@ def main(argv=None):
             print(f"wrote {len(args.images)} input|reconstruction pairs to {args.out}")
         elif args.cmd == "bench":
             bench(args.runs)
+        elif args.cmd == "random":
+            try:
+                mult = tuple(int(v) for v in args.ch_mult.split(","))
+            except ValueError:
+                raise ValueError(f"--ch-mult {args.ch_mult!r}: expected comma-separated integers") from None
+            bad = [args.ch * m for m in mult if (args.ch * m) % 32]
+            if bad:
+                raise ValueError(f"--ch {args.ch} --ch-mult {args.ch_mult}: widths {bad} are not multiples of 32 "
+                                 f"(taming's GroupNorm(32))")
+            cfg = VQGANConfig(embed_dim=args.embed_dim, n_embed=args.codes, z_channels=args.embed_dim, ch=args.ch,
+                              ch_mult=mult, num_res_blocks=args.num_res_blocks, resolution=256)
+            model = random_vqgan(cfg, args.seed)
+            save_released(model, args.out)
+            n = sum(p.numel() for p in model.parameters())
+            print(f"random vqgan: {len(model.state_dict())} tensors, {n:,} params, f = {cfg.factor}, "
+                  f"{cfg.n_embed} codes -> {Path(args.out) / 'vqgan.ckpt'} + vqgan.yaml")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -2,3 +2,53 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer files in the released layouts (spec internvl25.md section 7), shared by tests/test_tokenizer.py and
+# tests/test_road.py. Imported lazily: sentencepiece and the repository's modules load only when a test asks.
+
+import json  # noqa: E402
+
+# InternLM2's chat markers, stored in tokenizer.model as placeholder pieces and renamed by tokenizer_config.json
+CHAT_MARKERS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
+
+
+def write_qwen2_tokenizer(tok, path):
+    """A byte-level BPE (tokenizer.Tokenizer.train_bpe) written as InternVL2.5-1B ships its tokenizer: vocab.json +
+    merges.txt (the slow Qwen2Tokenizer files) and added_tokens.json with the Qwen specials and the 9 InternVL tokens
+    right after the base vocabulary. -> {added token: id}."""
+    from tokenizer import INTERNVL_TOKENS, QWEN_SPECIALS
+
+    tok.tk.model.save(str(path))  # vocab.json + merges.txt
+    n = tok.tk.get_vocab_size(with_added_tokens=False)
+    added = {t: n + k for k, t in enumerate(QWEN_SPECIALS + INTERNVL_TOKENS)}
+    (path / "added_tokens.json").write_text(json.dumps(added))
+    return added
+
+
+def write_internlm2_tokenizer(path, texts, vocab_size=1500, **sp_options):
+    """A SentencePiece BPE with byte fallback laid out like InternVL2.5-2B / 8B: tokenizer.model whose chat markers
+    are placeholder pieces renamed by tokenizer_config.json, and the 9 InternVL tokens in added_tokens.json after
+    the pieces. -> (sentencepiece processor, {special token: id})."""
+    import io
+
+    import sentencepiece as spm
+
+    from tokenizer import INTERNVL_TOKENS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, character_coverage=0.999, hard_vocab_limit=False, num_threads=2, minloglevel=2,
+        control_symbols=[f"[UNUSED_TOKEN_{k}]" for k in range(6)], **sp_options)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    (path / "tokenizer.model").write_bytes(buf.getvalue())
+    n = sp.get_piece_size()
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    ids.update({t: sp.piece_to_id(f"[UNUSED_TOKEN_{k}]") for k, t in enumerate(CHAT_MARKERS)})
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True,
+         "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in ids.items()}}))
+    ids.update({t: n + k for k, t in enumerate(INTERNVL_TOKENS)})
+    (path / "added_tokens.json").write_text(json.dumps({t: n + k for k, t in enumerate(INTERNVL_TOKENS)}))
+    return sp, ids
