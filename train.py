@@ -492,6 +492,9 @@ def train(args, ddp, rank, world, device, master, log):
         log(line)
     log(f"batch: {stream.global_batch} examples per step ({args.batch_size} x {args.grad_accum} micro-steps x {world} "
         f"ranks), max {args.max_len} tokens, condition dropout {args.cfg_drop:g}")
+    if args.warmup >= args.steps:  # a smoke run with the default warmup would learn nothing and look fine
+        log(f"warning: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate stays at or "
+            f"below {lr_at(args.steps, args):.2g} (--lr {args.lr:g}); pass a shorter --warmup to train")
 
     # --- optimizer: AdamW, decay on matrices only ------------------------------------------------------------------
     decay = [p for p in params if p.dim() >= 2]

@@ -44,8 +44,9 @@ def world(tmp_path_factory):
 def stage_args(root, out, stage=2, steps=2, **kw):
     a = ["--stage", str(stage), "--base", str(root / "base"), "--codes", str(root / "codes"),
          "--data", f"t2i={root / 't2i.jsonl'}", "--data", f"t2ti={root / 't2ti.jsonl'}", "--steps", str(steps),
-         "--batch-size", "2", "--lr", "3e-3", "--warmup", "1", "--num-adapter-layers", "1", "--out", str(out),
-         "--device", "cpu", "--prefetch", "0"]
+         "--batch-size", "2", "--lr", "3e-3", "--num-adapter-layers", "1", "--out", str(out), "--device", "cpu",
+         "--prefetch", "0"]
+    kw.setdefault("warmup", 1)
     for k, v in kw.items():
         a += [f"--{k.replace('_', '-')}", str(v)]
     return a
@@ -180,3 +181,11 @@ def test_a_killed_preparation_is_redone_not_read(tmp_path):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert len(lines(tmp_path / "data" / "t2i_train.jsonl")) == 40
+
+
+def test_a_warmup_longer_than_the_run_is_called_out(world, tmp_path, capsys):
+    train.main(stage_args(world, tmp_path / "w", steps=2, warmup=100))
+    assert "warning: --warmup 100 is not shorter than --steps 2: the learning rate stays at or below 6e-05" \
+        in capsys.readouterr().out
+    train.main(stage_args(world, tmp_path / "w2", steps=2))
+    assert "warning: --warmup" not in capsys.readouterr().out
