@@ -917,6 +917,17 @@ def set_trainable(model: Armor, stage=None, groups=None):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def frozen_matmuls(model: InternVL):
+    """The frozen weights that training may store in bf16: under bf16 autocast every matmul reads its weight cast to
+    bf16, so storing a frozen one that way changes no number and halves its memory (what lets an 8B stage 2 fit one
+    80 GB GPU per rank). Linear / Conv2d tensors of the base only, outside what checkpoints save (ARMOR's modules,
+    the LM head); norms, embedding tables and every trainable tensor stay fp32, AdamW's master weights."""
+    saved = {k.rsplit(".", 1)[0] for k in PARTIAL_BASE_KEYS}
+    return [p for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and not name.startswith("armor.") and name not in saved
+            for p in m.parameters(recurse=False) if not p.requires_grad]
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Initialisation of ARMOR's new tensors (random, as in the paper), and of whole models for the toy world / tests.
 
@@ -947,14 +958,19 @@ def init_weights(module, std=0.02):
 def init_armor(model: Armor, seed=None):
     """Random init of the new tensors. The new embedding rows take the scale of the original rows, so image
     tokens enter the frozen decoder at the magnitude it was trained on."""
+    # Drawn on the CPU from one seeded generator, then moved: the same seed gives the same initial weights on every
+    # device (a CUDA generator would draw other numbers), and the statistics below stay on the model's device.
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     a = model.armor
+
+    def randn(shape, std, mean=0.0):  # on the model's device (copy_ casts to the weight's dtype)
+        return (torch.randn(shape, generator=g).to(a.embed_new.weight.device) * std + mean)
+
     ref = model.language_model.model.embed_tokens.weight.float()
-    e = torch.randn(a.embed_new.weight.shape, generator=g) * ref.std() + ref.mean()
-    a.embed_new.weight.copy_(e.to(a.embed_new.weight.dtype))
+    a.embed_new.weight.copy_(randn(a.embed_new.weight.shape, ref.std(), ref.mean()))
     for m in [a.imgbos_head, a.visual_head, *a.adapter.modules()]:
         if isinstance(m, nn.Linear):
-            m.weight.copy_((torch.randn(m.weight.shape, generator=g) * 0.02).to(m.weight.dtype))
+            m.weight.copy_(randn(m.weight.shape, 0.02))
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, RMSNorm):
@@ -1171,18 +1187,60 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, verbose=True, **overrides):
+# what a released InternVL2.5 directory's config.json says it is (spec internvl25.md section 1a); the remote code's
+# InternVLChatConfig (configuration_internvl_chat.py) sets it, a bare Qwen2 / InternLM2 LLM directory says otherwise
+INTERNVL_MODEL_TYPE = "internvl_chat"
+# the files of each kind of tokenizer that tokenizer.Tokenizer.from_dir reads (spec section 7), for the messages
+TOKENIZER_FILES = {"tokenizer.json": "tokenizer.json", "qwen2": "vocab.json + merges.txt",
+                   "internlm2": "tokenizer.model"}
+
+
+def check_tokenizer(path, cfg: ArmorConfig):
+    """The tokenizer beside the weights must exist and fit them: as many ids as the embedding has rows, and
+    <IMG_CONTEXT> where the config puts it (released: the 9 InternVL tokens close the vocabulary).
+    -> a description for the summary line, e.g. "tokenizer vocab.json + merges.txt, 151,674 ids"."""
+    from tokenizer import Tokenizer
+
+    kind = Tokenizer.kind_in(path)
+    if kind is None:
+        half = [f for f in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(path, f))]
+        raise CheckpointError(f"{path}: no tokenizer" + (f" ({half[0]} without its partner)" if half else "") +
+                              "; expected tokenizer.json, vocab.json + merges.txt (Qwen2) or tokenizer.model "
+                              "(InternLM2) beside config.json")
+    try:
+        tok = Tokenizer.from_dir(path)
+    except Exception as e:  # malformed files: ValueError, KeyError, or the tokenizers library's own exception
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot read the tokenizer ({type(e).__name__}: {first})") from None
+    if len(tok) != cfg.llm.vocab_size or tok.img_context != cfg.img_context_id:
+        raise CheckpointError(f"{path}: the tokenizer ({len(tok)} tokens, <IMG_CONTEXT> = {tok.img_context}) does "
+                              f"not fit config.json (vocab_size {cfg.llm.vocab_size}, <IMG_CONTEXT> expected at "
+                              f"{cfg.img_context_id})")
+    return f"tokenizer {TOKENIZER_FILES[kind]}, {len(tok):,} ids"
+
+
+def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, verbose=True, tokenizer=False,
+                  **overrides):
     """Load a released InternVL2.5 directory (config.json + model.safetensors or shards + index).
     The model is built on the meta device and every tensor is assigned once (no second copy). With armor=True the
-    ARMOR additions are added with a random init; with armor=False this is the plain base MLLM."""
+    ARMOR additions are added with a random init; with armor=False this is the plain base MLLM.
+    tokenizer=True also requires the directory's tokenizer and checks that it fits (check_tokenizer), before any
+    weight is read: what `python armor.py --load` does, since a base without one can be neither trained nor sampled."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"no config.json in {path}")
     try:
         with open(cfg_path) as f:
-            cfg = config_from_internvl(json.load(f), **overrides)
-    except ValueError as e:  # unsupported architecture, missing field, not JSON
+            cfg_json = json.load(f)
+        if not isinstance(cfg_json, dict):
+            raise ValueError(f"expected a JSON object, got {type(cfg_json).__name__}")
+        if cfg_json.get("model_type") != INTERNVL_MODEL_TYPE:
+            raise ValueError(f"model_type {cfg_json.get('model_type')!r}, expected {INTERNVL_MODEL_TYPE!r} "
+                             f"(a released InternVL2.5 directory)")
+        cfg = config_from_internvl(cfg_json, **overrides)
+    except ValueError as e:  # another model, unsupported architecture, missing field, not JSON
         raise CheckpointError(f"{cfg_path}: {e}") from None
+    tok_note = check_tokenizer(path, cfg) if tokenizer else None
     with torch.device("meta"):
         model = (Armor if armor else InternVL)(cfg)
     base = model.armor if armor else None
@@ -1197,6 +1255,7 @@ def from_internvl(path, dtype=torch.float32, device="cpu", armor=True, seed=0, v
         init_armor(model, seed)
     if verbose:
         extra = f", ARMOR adds {_count(model.armor):,} new parameters" if armor else ""
+        extra += f"; {tok_note}" if tok_note else ""
         print(f"loaded {n} tensors from {path}: {_count(model):,} parameters, {dtype}{extra}")
     return model
 
@@ -1310,12 +1369,18 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"no config.json in {path}")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "armor":
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # not UTF-8 or not JSON: the decoder's message alone does not name the file
+        raise CheckpointError(f"{cfg_path}: not a JSON file ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "armor":
         raise CheckpointError(f"{cfg_path} is not an ARMOR checkpoint (for a released InternVL2.5 directory use "
                               f"from_internvl)")
-    cfg = ArmorConfig(**meta["armor"])
+    try:
+        cfg = ArmorConfig(**meta["armor"])
+    except (KeyError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"{cfg_path}: \"armor\" does not hold an ArmorConfig ({type(e).__name__}: {e})") from None
     keys = _open_safetensors(os.path.join(path, "model.safetensors"))
     tensors = {k: (lambda k=k, h=h: _read_tensor(h, k)) for k, h in keys.items() if not k.endswith(INT8_SCALE)}
     for k in [k[:-len(INT8_SCALE)] for k in keys if k.endswith(INT8_SCALE)]:
@@ -1324,6 +1389,9 @@ def from_pretrained(path, dtype=torch.float32, device="cpu", base=None, verbose=
         tensors[k] = lambda k=k: _dequantize_rows(keys, k)
     if base is None and meta.get("base") is not None:
         base = os.path.normpath(os.path.join(path, meta["base"]))  # a no-op join when it is absolute
+        if not os.path.isdir(base):  # a moved or copied output folder: say which file named the path, and the way out
+            raise CheckpointError(f"the base directory {base} named by {cfg_path} does not exist; pass --base DIR "
+                                  f"(the InternVL2.5 directory the checkpoint was trained on)")
     if base is None:
         with torch.device("meta"):
             model = Armor(cfg)
@@ -1365,9 +1433,12 @@ def describe(name, cfg: ArmorConfig):
           f"adapter {groups['adapter']:,} ({cfg.num_adapter_layers} blocks), visual head {groups['visual_head']:,}")
     total = _count(m)
     for s, gs in STAGE_GROUPS.items():
+        set_trainable(m, s)
         n = sum(groups[g] for g in gs)
-        # train.py keeps weights in fp32 under bf16 autocast; AdamW holds two fp32 moments per trainable tensor
-        gb = (4 * total + (4 + 8) * n) / 2 ** 30
+        # train.py under bf16 autocast: frozen base matmuls in bf16, every other tensor fp32; a trainable one also
+        # has an fp32 gradient and AdamW's two fp32 moments
+        half = sum(p.numel() for p in frozen_matmuls(m))
+        gb = (2 * half + 4 * (total - half) + (4 + 8) * n) / 2 ** 30
         print(f"  WoHG stage {s}: trainable {n:,} ({' + '.join(gs)}); weights + grads + AdamW {gb:.1f} GiB "
               f"before activations")
     print(f"  sampling in bf16: weights {2 * total / 2 ** 30:.1f} GiB")
@@ -1378,12 +1449,15 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="print the parameter counts of one preset")
-    ap.add_argument("--load", help="load a released InternVL2.5 directory and print a summary")
+    ap.add_argument("--load", help="load a released InternVL2.5 directory (weights, config.json, tokenizer) "
+                                   "strictly and print a summary")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     if args.load:
+        if not os.path.isdir(args.load):
+            raise SystemExit(f"error: --load {args.load}: no such directory")
         try:
-            from_internvl(args.load, getattr(torch, args.dtype))
+            from_internvl(args.load, getattr(torch, args.dtype), tokenizer=True)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
     else:

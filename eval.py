@@ -128,7 +128,8 @@ def eval_prompt_reading(model, tok, vq, n, seed):
     def code_losses(request, codes):  # (h*w,) image loss of each code
         e = encode_conversation(tok, c, [{"role": "user", "content": request},
                                          {"role": "assistant", "content": "<gen_image>"}], out_codes=[codes])
-        ids, targets = torch.tensor([e.ids]), torch.tensor([e.targets])
+        dev = model.armor.visual_head.weight.device
+        ids, targets = torch.tensor([e.ids], device=dev), torch.tensor([e.targets], device=dev)
         out = model(ids, targets=targets, alpha=0.0, beta=1.0)
         return F.cross_entropy(out.image_logits.float(), targets[targets > V] - (V + 1), reduction="none")
 
@@ -157,16 +158,16 @@ def eval_scenes(model, tok, vq, n, cfg, seed):
 def base_answers(model, tok, prompts, images, max_new_tokens=40, batch=64):
     """Greedy text answers of the plain base MLLM (armor.InternVL: no ARMOR modules, its own LM head)."""
     from data import encode_conversation
-    c, out = model.config, []
+    c, out, dev = model.config, [], model.mlp1[1].weight.device
     for chunk in batched(list(zip(prompts, images)), batch):
         encs = [encode_conversation(tok, c, [{"role": "user", "content": p}], ims, add_generation_prompt=True)
                 for p, ims in chunk]
         B, L = len(encs), max(len(e.ids) for e in encs)
-        ids = torch.full((B, L), tok.pad, dtype=torch.long)
-        pad = torch.tensor([L - len(e.ids) for e in encs])
+        ids = torch.full((B, L), tok.pad, dtype=torch.long, device=dev)
+        pad = torch.tensor([L - len(e.ids) for e in encs], device=dev)
         for r, e in enumerate(encs):
-            ids[r, L - len(e.ids):] = torch.tensor(e.ids)
-        pixels = [e.pixels for e in encs if e.pixels is not None]
+            ids[r, L - len(e.ids):] = torch.tensor(e.ids, device=dev)
+        pixels = [e.pixels.to(dev) for e in encs if e.pixels is not None]
         state = model.new_state(B, L + max_new_tokens, pad=pad)
         h = model.extend(state, ids, torch.cat(pixels) if pixels else None)[:, -1]
         gen, done = [[] for _ in range(B)], [False] * B
@@ -271,13 +272,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few prompts per section")
     ap.add_argument("--out", default=os.path.join(ROOT, "eval.md"), help="where the Markdown table goes")
     ap.add_argument("--gallery", help="only write a captioned sheet of the model's drawings to this PNG")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     import armor
     import sample
 
     torch.manual_seed(0)
     try:
-        model, tok, vq = load(args.model, base=args.base, vqgan=args.vqgan)
+        model, tok, vq = load(args.model, base=args.base, vqgan=args.vqgan, device=args.device)
     except (armor.CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if vq is None:
@@ -326,7 +328,7 @@ def main(argv=None):
     items = world.understanding_set(5 * n, args.seed)
     base_dir = os.path.join(args.model, json.load(open(os.path.join(args.model, "config.json")))["base"]) \
         if args.base is None else args.base
-    base = armor.from_internvl(base_dir, armor=False, verbose=False).eval()
+    base = armor.from_internvl(base_dir, armor=False, device=args.device, verbose=False).eval()
     und = {"base": eval_understanding(base, tok, items, is_base=True)}
     del base
     stages = args.stages
@@ -334,7 +336,7 @@ def main(argv=None):
         stages = [p for p in (os.path.join(ROOT, "runs", "toy", f"stage{s}") for s in (1, 2))
                   if os.path.exists(os.path.join(p, "config.json"))]
     for s in stages or []:
-        m, stok, _ = load(s)
+        m, stok, _ = load(s, device=args.device)
         und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, stok, items)
         del m
     und["final"] = eval_understanding(model, tok, items)

@@ -10,6 +10,7 @@ soon as its span ends; the whole answer is written as an HTML page (text and ima
   python sample.py --n 4 --seed 1 --cfg 3 "draw a sunset over the sea"      # 4 answers in one batch
   python sample.py --greedy "a circle to the left of a square"              # greedy text and codes
   python sample.py --chat                                                   # multi-turn session on stdin
+  python sample.py --model moved/ckpt --base InternVL2_5-1B --vqgan chameleon/tokenizer "..."  # a moved checkpoint
   python -m pytest tests/test_sample.py                                     # the checks listed in that file
   python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the toy evaluation sweep DEFAULT_CFG below comes from
 
@@ -22,11 +23,25 @@ batch, are fed the same sampled tokens, and are themselves caught up lazily when
 On CPU the decode steps run armor.py's fast path (prepacked / stacked weights, see fast_linear); bench.py measures
 it against transformers' generate. At the end the CLI prints time to first token, text and image tokens/s, seconds
 per image and peak memory (model loading is reported apart).
+
+Checkpoints load through load_armor (train.py --init too): the tokenizer comes from the checkpoint directory when it
+holds tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model), else from the base directory its
+config.json names; a path config.json names that is not there is an error naming it (pass --base / --vqgan). Answers
+with room for an image need a VQGAN (the checkpoint's or --vqgan). Every input is checked before the model loads, and
+a bad one ends in one line on stderr, `error: ...`, naming the file or value: exit code 2 for the command line (a
+flag, a path given on it, the prompt: too long for the context, <image> tags without --image files; no VQGAN), 1 for
+a file that holds something else than expected (config.json, tokenizer, VQGAN, weights, an input image). Each PNG
+and HTML page is written to a temporary name and renamed, and a run first removes the earlier page and PNGs of the
+names it writes (answer.html, answer_image0.png, ...), so a page never sits beside another run's images. In --chat
+every turn answers the whole conversation so far, generated images carried as their codes: the same answer as
+generate() on that conversation.
 """
 
 import argparse
 import html
+import json
 import os
+import re
 import resource
 import sys
 import time
@@ -35,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from armor import State
+from armor import ArmorConfig, CheckpointError, State
 from data import GEN_IMAGE, encode_conversation, make_unconditional
 
 DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
@@ -310,70 +325,241 @@ def print_stats(s, decode_s=None):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Loading: an ARMOR checkpoint directory = config.json {"format": "armor", "base": ..., "vqgan": ..., "armor": {...}}
-# + model.safetensors (+ tokenizer.json when whole). Relative paths are relative to the checkpoint directory.
+# + model.safetensors (+ the tokenizer's files when whole, or as train.py copies them). Recorded paths are absolute or
+# relative to the checkpoint directory; --base / --vqgan override them (relative to the working directory).
+# read_checkpoint is cheap (config.json and file checks), so the CLI runs it, and every other input check, before the
+# slow model load. load_armor is the one loader of sample.py and train.py --init.
 
 
-def load(path, base=None, vqgan=None, device="cpu", dtype=torch.float32):
-    """-> (model, tokenizer, VQGAN or None). base / vqgan override the paths stored in config.json."""
-    import json
+class UsageError(ValueError):
+    """The command line cannot work as given (a flag, a path on it, the prompt): exit code 2."""
 
-    from armor import CheckpointError, from_pretrained, refresh_fast
+
+class DataError(ValueError):
+    """A file holds something else than expected: exit code 1 (as armor.CheckpointError)."""
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
+@dataclass
+class Checkpoint:
+    """An ARMOR checkpoint directory with the paths its config.json names resolved (the base checked to exist)."""
+    dir: Path
+    config_path: Path
+    config: ArmorConfig
+    base: Path | None  # the InternVL2.5 directory a partial checkpoint loads on top of
+    vqgan: Path | None  # None: the checkpoint names no VQGAN and none was passed; checked when loaded
+    tokenizer_dir: Path  # the checkpoint itself when it holds tokenizer files, else the base
+
+
+def _recorded(ck_dir, meta, key, override):
+    """A path of config.json, resolved against the checkpoint, or its override (--base / --vqgan, which must exist)."""
+    if override is not None:
+        if not os.path.exists(override):
+            raise UsageError(f"--{key} {override}: no such file or directory")
+        return Path(override)
+    return Path(os.path.abspath(ck_dir / meta[key])) if meta.get(key) else None  # absolute: a no-op join
+
+
+def _must_exist(p, ck: Checkpoint, flag, what):
+    if not p.exists():  # typically a moved or copied output folder: name the file that named it, and the way out
+        raise CheckpointError(f"the {what} {p} named by {ck.config_path} does not exist; pass {flag}")
+
+
+def read_checkpoint(path, base=None, vqgan=None) -> Checkpoint:
+    """config.json of an ARMOR checkpoint -> Checkpoint; every error names the file and what was expected."""
     from tokenizer import Tokenizer
-    from vqgan import load_vqgan
 
     path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such checkpoint directory")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"no config.json in {path}")
-    meta = json.loads(cfg_path.read_text())
-    if meta.get("format") != "armor":
+    try:
+        meta = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike: neither names the file
+        raise CheckpointError(f"{cfg_path}: not a JSON file ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "armor":
         raise CheckpointError(f"{cfg_path} is not an ARMOR checkpoint (\"format\": \"armor\")")
-    base = base if base is not None else (path / meta["base"] if meta.get("base") else None)
-    model = from_pretrained(str(path), dtype=dtype, device=device, base=None if base is None else str(base)).eval()
+    try:
+        config = ArmorConfig(**meta["armor"])
+    except (KeyError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"{cfg_path}: \"armor\" does not hold an ArmorConfig ({type(e).__name__}: "
+                              f"{_one_line(e)})") from None
+    base = _recorded(path, meta, "base", base)
+    vq = _recorded(path, meta, "vqgan", vqgan)
+    tok_dir = path if Tokenizer.kind_in(path) else base
+    if tok_dir is None:
+        raise CheckpointError(f"{path} holds no tokenizer (tokenizer.json, vocab.json + merges.txt or "
+                              f"tokenizer.model) and {cfg_path} names no base directory to take one from")
+    ck = Checkpoint(path, cfg_path, config, base, vq, tok_dir)
+    if base is not None:  # the VQGAN is checked where it is loaded: train.py --init does not need it
+        _must_exist(base, ck, "--base DIR (the InternVL2.5 directory the checkpoint was trained on)", "base directory")
+    return ck
+
+
+def load_tokenizer(ck: Checkpoint):
+    """The checkpoint's tokenizer, checked against its config (the ids the model reserves)."""
+    from tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_dir(ck.tokenizer_dir)
+    except Exception as e:  # the tokenizers library raises its own types on a garbled file
+        raise CheckpointError(f"{ck.tokenizer_dir}: cannot read the tokenizer ({_one_line(e)})") from None
+    c = ck.config
+    if tok.img_context != c.img_context_id or len(tok) > c.llm.vocab_size:
+        raise CheckpointError(f"the tokenizer in {ck.tokenizer_dir} ({len(tok)} tokens, <IMG_CONTEXT> = "
+                              f"{tok.img_context}) does not fit {ck.config_path} (vocab_size {c.llm.vocab_size}, "
+                              f"img_context_id {c.img_context_id})")
+    return tok
+
+
+def load_vqgan_for(ck: Checkpoint, device="cpu"):
+    """The checkpoint's VQGAN (None when it names none), checked to draw the model's grids."""
+    from vqgan import load_vqgan
+
+    if ck.vqgan is None:
+        return None
+    _must_exist(ck.vqgan, ck, "--vqgan PATH", "VQGAN")
+    try:
+        vq = load_vqgan(str(ck.vqgan), device=device)
+    except Exception as e:  # missing weights, a garbled file or config: load_vqgan's message, on one line
+        raise CheckpointError(f"VQGAN {ck.vqgan}: cannot load ({type(e).__name__}: {_one_line(e)})") from None
+    c = ck.config
+    if vq.config.n_embed != c.num_image_codes or vq.grid(c.image_px) != (c.image_grid, c.image_grid):
+        raise CheckpointError(f"the VQGAN at {ck.vqgan} ({vq.config.n_embed} codes, {vq.config.factor}x down) "
+                              f"does not draw the model's {c.image_grid}x{c.image_grid} grids of "
+                              f"{c.num_image_codes} codes at {c.image_px} px")
+    return vq
+
+
+def load_armor(path, base=None, vqgan=None, device="cpu", dtype=torch.float32, verbose=True):
+    """The one loader of ARMOR checkpoints, whole or partial (sample.py, eval.py, train.py --init) ->
+    (model, tokenizer, Checkpoint): ck.vqgan is the resolved VQGAN path (or None), ck.base the base directory of a
+    partial checkpoint, ck.tokenizer_dir where the tokenizer came from. base / vqgan override config.json's paths.
+    Raises UsageError (a missing override) or armor.CheckpointError (both ValueErrors), one line each."""
+    ck = read_checkpoint(path, base, vqgan)
+    tok = load_tokenizer(ck)
+    return load_model(ck, device, dtype, verbose), tok, ck
+
+
+def load_model(ck: Checkpoint, device="cpu", dtype=torch.float32, verbose=True):
+    """The model of a checkpoint read_checkpoint has checked (the slow part: every tensor is read)."""
+    from armor import from_pretrained
+
+    return from_pretrained(str(ck.dir), dtype=dtype, device=device, verbose=verbose,
+                           base=None if ck.base is None else str(ck.base))
+
+
+def load(path, base=None, vqgan=None, device="cpu", dtype=torch.float32):
+    """-> (model in eval mode, tokenizer, VQGAN or None): load_armor plus the VQGAN, ready to sample."""
+    model, tok, ck = load_armor(path, base, vqgan, device, dtype)
+    vq = load_vqgan_for(ck, device)
+    return _ready(model, device), tok, vq
+
+
+def _ready(model, device):
+    from armor import refresh_fast
+
+    model.eval()
     if model.fast_decode and torch.device(device).type == "cpu":  # pack the decode weights now, not in the first answer
         refresh_fast(model.fast_weights, model.fast_groups())
-    tok_dir = path if (path / "tokenizer.json").is_file() else base
-    if tok_dir is None:
-        raise CheckpointError(f"{path} holds no tokenizer.json and names no base directory to take one from")
-    tok = Tokenizer.from_dir(tok_dir)
-    if tok.img_context != model.config.img_context_id:
-        raise CheckpointError(f"the tokenizer in {tok_dir} puts <IMG_CONTEXT> at {tok.img_context}, the model at "
-                              f"{model.config.img_context_id}")
-    vq_path = vqgan if vqgan is not None else (path / meta["vqgan"] if meta.get("vqgan") else None)
-    vq = None
-    if vq_path is not None:
-        vq = load_vqgan(str(vq_path), device=device)
-        c = model.config
-        if vq.config.n_embed != c.num_image_codes or vq.grid(c.image_px) != (c.image_grid, c.image_grid):
-            raise CheckpointError(f"the VQGAN at {vq_path} ({vq.config.n_embed} codes, {vq.config.factor}x down) "
-                                  f"does not draw the model's {c.image_grid}x{c.image_grid} grids of "
-                                  f"{c.num_image_codes} codes at {c.image_px} px")
-    return model, tok, vq
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Output: PNGs as images complete, an HTML page per answer
+# Input checks: each ends in one line naming the file or value (the CLI runs them before the slow model load)
+
+
+def check_images(paths):
+    """Every --image: a file (else a usage error) that decodes whole (else a data error: not an image, truncated)."""
+    from PIL import Image
+
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UsageError(f"--image {p}: no such file")
+        try:
+            with Image.open(p) as im:
+                im.load()  # decodes every pixel: a truncated file fails here, not in the middle of an answer
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors ... by format
+            raise DataError(f"--image {p}: not a readable image ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def check_prompt(tok, ck: Checkpoint, conversation, images, max_new_tokens):
+    """The conversation encodes (image tags against --image files) and it plus the budget fits the model's context."""
+    tags = sum(m["content"].count("<image>") for m in conversation if m["role"] == "user")
+    if tags > len(images) or 0 < tags < len(images):
+        raise UsageError(f"the prompt holds {tags} <image> tag(s) but {len(images)} --image file(s) were given; give "
+                         f"one --image per tag (or no tags: the images then go in front of the prompt)")
+    codes = [g for m in conversation if m["role"] == "assistant" for g in m.get("codes", [])]
+    try:
+        n = len(encode_conversation(tok, ck.config, conversation, images, codes, add_generation_prompt=True).ids)
+    except ValueError as e:  # e.g. a <gen_image> typed into the prompt
+        raise UsageError(f"prompt: {_one_line(e)}") from None
+    context = ck.config.llm.max_position_embeddings
+    if n + max_new_tokens > context:
+        raise UsageError(f"the prompt is {n:,} tokens and --max-new-tokens {max_new_tokens:,}: more than the "
+                         f"model's context of {context:,} tokens (max_position_embeddings in {ck.config_path}); "
+                         f"shorten the prompt or lower --max-new-tokens")
+    return n
+
+
+def check_can_draw(ck: Checkpoint, max_new_tokens):
+    """An answer with room for an image needs a VQGAN to show it: without one the image would be lost."""
+    c = ck.config
+    if ck.vqgan is None and max_new_tokens >= c.image_grid ** 2 + 2:
+        raise UsageError(f"{ck.config_path} names no VQGAN and answers can hold images: pass --vqgan PATH")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Output: PNGs as images complete, an HTML page per answer; each file written whole or not at all
+
+
+def _atomic(path: Path, write):
+    """write(tmp) to a temporary name in the same folder, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def visible(tok):
+    """-> str -> str that drops the text of special tokens (<|endoftext|>, <img>, ...) that an answer may hold: what
+    the terminal and the page show. The answer itself (and so a chat's history) keeps them."""
+    specials = [t.content for t in tok.tk.get_added_tokens_decoder().values() if t.special]
+    pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+    return (lambda s: pattern.sub("", s)) if pattern else (lambda s: s)
 
 
 class Writer:
-    """Decodes each finished code grid right away and saves it as `{stem}_image{k}.png`; then writes the HTML."""
+    """Decodes each finished code grid right away and saves it as `{stem}_image{k}.png`; then writes the HTML.
+    An earlier run's page and PNGs of the same stems are removed first, so a page never sits beside images that
+    are not its own."""
 
-    def __init__(self, out_dir, vq, stems):
-        self.out, self.vq, self.stems = Path(out_dir), vq, stems
+    def __init__(self, out_dir, vq, stems, clean=lambda s: s):
+        self.out, self.vq, self.stems, self.clean = Path(out_dir), vq, stems, clean
         self.out.mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            for p in self.out.glob(f"{stem}*"):
+                if p.name == f"{stem}.html" or re.fullmatch(rf"{re.escape(stem)}_image\d+\.png", p.name):
+                    p.unlink()
         self.paths = {r: [] for r in range(len(stems))}
         self.decode_s = 0.0
 
     def image(self, row, codes):
-        if self.vq is None:
-            return
         from vqgan import to_pil
 
+        assert self.vq is not None, "an image was drawn but no VQGAN was loaded (check_can_draw lets none through)"
         t = time.perf_counter()
         img = to_pil(self.vq.decode(codes[None])[0])
         self.decode_s += time.perf_counter() - t
         p = self.out / f"{self.stems[row]}_image{len(self.paths[row])}.png"
-        img.save(p)
+        _atomic(p, lambda tmp: img.save(tmp, format="PNG"))
         self.paths[row].append(p)
         print(f"\n[image saved: {p}]", file=sys.stderr, flush=True)
 
@@ -385,15 +571,20 @@ class Writer:
             body.append(f"<h3>{role}</h3>")
             for s in segments:
                 if isinstance(s, str):
-                    body.append(f"<p>{html.escape(s).replace(chr(10), '<br>')}</p>")
+                    body.append(f"<p>{html.escape(self.clean(s)).replace(chr(10), '<br>')}</p>")
                 else:
-                    p = next(pngs, None)
-                    body.append(f'<p><img src="{p.name}" width="256" style="image-rendering: pixelated"></p>'
-                                if p else "<p>[image: no VQGAN given, codes only]</p>")
+                    body.append(f'<p><img src="{next(pngs).name}" width="256" style="image-rendering: pixelated">'
+                                f'</p>')
         p = self.out / f"{self.stems[row]}.html"
-        p.write_text("<!doctype html>\n<meta charset=\"utf-8\">\n<title>ARMOR</title>\n<body style=\"max-width: "
-                     "720px; margin: 2em auto; font-family: sans-serif\">\n" + "\n".join(body) + "\n</body>\n")
+        page = ("<!doctype html>\n<meta charset=\"utf-8\">\n<title>ARMOR</title>\n<body style=\"max-width: 720px; "
+                "margin: 2em auto; font-family: sans-serif\">\n" + "\n".join(body) + "\n</body>\n")
+        _atomic(p, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         return p
+
+    def shown(self, row, segments):
+        """An answer for the terminal: its text, each image as the path of its PNG (never a placeholder token)."""
+        pngs = iter(self.paths[row])
+        return "".join(self.clean(s) if isinstance(s, str) else f"[image: {next(pngs, '?')}]" for s in segments)
 
 
 def _settings(args, prefix):
@@ -401,11 +592,30 @@ def _settings(args, prefix):
     return replace(s, temperature=0.0) if args.greedy else s
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, like every other usage error (argparse prints usage first)
+        raise UsageError(f"{message} (python sample.py --help lists the flags)")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        _main(argv)
+    except UsageError as e:
+        _fail(e, 2)
+    except (CheckpointError, DataError, FileNotFoundError) as e:
+        _fail(e, 1)
+
+
+def _fail(e, code):
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _main(argv):
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="the question or instruction (omit with --chat)")
     ap.add_argument("--model", help=f"ARMOR checkpoint directory (default: the toy checkpoint {DEFAULT_TOY})")
-    ap.add_argument("--base", help="InternVL2.5 directory for a checkpoint that holds only ARMOR's tensors")
+    ap.add_argument("--base", help="InternVL2.5 directory, overriding the one the checkpoint's config.json names")
     ap.add_argument("--vqgan", help="VQGAN weights (file or folder), overriding the checkpoint's")
     ap.add_argument("--image", action="append", default=[], help="input image (repeatable)")
     ap.add_argument("--chat", action="store_true", help="multi-turn session: one user turn per line of stdin")
@@ -425,83 +635,81 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
     if not args.chat and not args.prompt:
-        ap.error("give a PROMPT, or --chat")
-    if args.n < 1 or args.max_new_tokens < 1:
-        ap.error("--n and --max-new-tokens must be at least 1")
-    for p in args.image:
-        if not os.path.isfile(p):
-            ap.error(f"--image {p}: no such file")
+        raise UsageError("give a PROMPT, or --chat")
+    for flag, v in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens)):
+        if v < 1:
+            raise UsageError(f"{flag} {v}: must be at least 1")
 
-    from armor import CheckpointError
-
+    # Every input is checked before the model loads (seconds on the toy, minutes on a big one).
+    check_images(args.image)
     path = args.model
     if path is None:
         if not DEFAULT_TOY.is_dir():
-            sys.exit(f"error: the built-in toy checkpoint is missing ({DEFAULT_TOY}); the toy pipeline writes it, "
-                     f"or pass --model DIR")
+            raise UsageError(f"the built-in toy checkpoint is missing ({DEFAULT_TOY}); the toy pipeline writes it, "
+                             f"or pass --model DIR")
         path = DEFAULT_TOY
+    ck = read_checkpoint(path, args.base, args.vqgan)
+    tok = load_tokenizer(ck)
+    check_can_draw(ck, args.max_new_tokens)
+    if not args.chat:
+        check_prompt(tok, ck, [{"role": "user", "content": args.prompt}], args.image, args.max_new_tokens)
+    vq = load_vqgan_for(ck, args.device)
+
     torch.manual_seed(args.seed)
     t = time.perf_counter()
-    try:
-        model, tok, vq = load(path, args.base, args.vqgan, args.device, getattr(torch, args.dtype))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    model = _ready(load_model(ck, args.device, getattr(torch, args.dtype)), args.device)
     print(f"loaded in {time.perf_counter() - t:.1f} s (not counted below)", file=sys.stderr)
-    if vq is None:
-        print("no VQGAN given: images are kept as codes only (--vqgan PATH to draw them)", file=sys.stderr)
     kw = dict(max_new_tokens=args.max_new_tokens, text=_settings(args, "text"), image=_settings(args, "image"),
               cfg=args.cfg, seed=args.seed)
 
     if args.chat:
-        chat(model, tok, vq, args, kw)
+        chat(model, tok, Writer(args.out, vq, ["chat"], visible(tok)), args.image, kw, ck)
         return
     stems = ["answer"] if args.n == 1 else [f"answer{j}" for j in range(args.n)]
-    w = Writer(args.out, vq, stems)
-    stream = (lambda r, s: print(s, end="", flush=True)) if args.n == 1 else None
+    w = Writer(args.out, vq, stems, visible(tok))
+    stream = (lambda r, s: print(w.clean(s), end="", flush=True)) if args.n == 1 else None
     stats = {}
-    try:
-        answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [args.image], n=args.n,
-                           on_text=stream, on_image=w.image, stats=stats, **kw)
-    except ValueError as e:  # e.g. more <image> placeholders than images
-        sys.exit(f"error: {e}")
+    answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [args.image], n=args.n,
+                       on_text=stream, on_image=w.image, stats=stats, **kw)
     print()
     for j, a in enumerate(answers):
         if args.n > 1:
-            print(f"--- answer {j} ---\n{a.text}")
+            print(f"--- answer {j} ---\n{w.shown(j, a.segments)}")
         page = w.html(j, [("user", [args.prompt]), ("assistant", a.segments)])
         print(f"[{'finished' if a.finished else 'stopped at the token budget'}] {page}" +
               "".join(f"\n  {p}" for p in w.paths[j]))
     print_stats(stats, w.decode_s)
 
 
-def chat(model, tok, vq, args, kw):
-    """Multi-turn: the history keeps every turn, generated images as their codes, so later turns can refer to them."""
+def chat(model, tok, w, images, kw, ck, read=input):
+    """Multi-turn: every turn answers the whole conversation so far (generated images as their codes), exactly as
+    generate() on that conversation would. read(prompt) gives the next line. -> the conversation."""
     history, turns = [], []
-    w = Writer(args.out, vq, ["chat"])
-    images = list(args.image)
     print("chat: one message per line; an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
         try:
-            line = input("\nyou> ").strip()
+            line = read("\nyou> ").strip()
         except EOFError:
             break
         if not line or line in ("exit", "quit"):
             break
         history.append({"role": "user", "content": line})
-        print("armor> ", end="", flush=True)
-        stats, w.decode_s = {}, 0.0
-        try:
-            (a,) = generate(model, tok, [history], [images], on_text=lambda r, s: print(s, end="", flush=True),
-                            on_image=w.image, stats=stats, **kw)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+        try:  # the input images belong to the first turn; a turn that cannot fit is refused and the session goes on
+            check_prompt(tok, ck, history, images, kw["max_new_tokens"])
+        except UsageError as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             history.pop()
             continue
+        print("armor> ", end="", flush=True)
+        stats, w.decode_s = {}, 0.0
+        (a,) = generate(model, tok, [history], [images], on_text=lambda r, s: print(w.clean(s), end="", flush=True),
+                        on_image=w.image, stats=stats, **kw)
         print()
         history.append(a.message())
         turns += [("user", [line]), ("assistant", a.segments)]
         print(f"[{w.html(0, turns)}]", file=sys.stderr)
         print_stats(stats, w.decode_s)
+    return history
 
 
 if __name__ == "__main__":

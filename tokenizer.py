@@ -51,14 +51,27 @@ class Tokenizer:
             else tk.token_to_id("</s>")
 
     # ---------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def kind_in(path) -> str | None:
+        """Which tokenizer files from_dir would read in path ("tokenizer.json", "qwen2", "internlm2"), None if none."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return "tokenizer.json"
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return "qwen2"
+        if (path / "tokenizer.model").is_file():
+            return "internlm2"
+        return None
+
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
         path = Path(path)
-        if (path / "tokenizer.json").is_file():
+        kind = cls.kind_in(path)
+        if kind == "tokenizer.json":
             return cls(HFTokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        if kind == "qwen2":
             return cls(_qwen2_from_files(path))
-        if (path / "tokenizer.model").is_file():
+        if kind == "internlm2":
             return cls(_sentencepiece_bpe_from_file(path))
         raise FileNotFoundError(f"{path}: no tokenizer found; expected tokenizer.json, vocab.json + merges.txt "
                                 f"(Qwen2) or tokenizer.model (InternLM2 SentencePiece)")

@@ -27,12 +27,14 @@ vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for t
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -92,32 +94,59 @@ def _data_args(p, stage):
 
 
 def toy_defaults(stage):
-    """train.py's defaults with no data or model arguments (issue 4, item 7): the toy world's data, and the shipped
-    toy checkpoints as the starting point. The data is exported (and its codes cached with the shipped VQGAN) on
-    first use; a later stage starts from the earlier stage's output when there is one."""
+    """train.py's defaults with no data or model arguments: the toy world's data, and the shipped toy checkpoints as
+    the starting point. The data the stage reads is exported (and its codes cached with the shipped VQGAN) on first
+    use, by one process while any others wait (torchrun starts every rank with the same arguments); a later stage
+    starts from the earlier stage's output when there is one."""
+    from data import STAGE_MIX
     p = paths()
     if not os.path.exists(os.path.join(SHIP, "armor", "config.json")):
         raise SystemExit(f"error: the toy checkpoints are missing from {SHIP}; build them with `python toy.py`")
-    make_data(p, N_RECORDS)
-    make_codes(p, os.path.join(SHIP, "vqgan"))
+    kinds = {t: N_RECORDS[t] for t in STAGE_MIX[stage] if t in N_RECORDS}
+    with prepared_once(p["data"]):
+        make_data(p, kinds, base_text=stage == 0)
+        if stage > 0:
+            make_codes(p, os.path.join(SHIP, "vqgan"))
     steps, batch, lr, warmup = TRAIN[stage]
-    out = dict(data=_data_args(p, stage), codes=p["codes"], out=os.path.join("out", f"toy_stage{stage}"),
+    out = dict(data=_data_args(p, stage), out=os.path.join("out", f"toy_stage{stage}"),
                steps=steps, batch_size=batch, lr=lr, warmup=warmup)
     if stage == 0:
         out.update(preset="toy", tokenizer=os.path.join(SHIP, "base"))
-    elif stage == 1:
-        out["base"] = os.path.join(SHIP, "base")
     else:
+        out["codes"] = p["codes"]
+    if stage == 1:
+        out["base"] = os.path.join(SHIP, "base")
+    elif stage > 1:
         prev = os.path.join("out", f"toy_stage{stage - 1}")
         out["init"] = prev if os.path.exists(os.path.join(prev, "config.json")) else os.path.join(SHIP, "armor")
     return out
+
+
+@contextmanager
+def prepared_once(folder):
+    """Hold an exclusive lock on `folder` while preparing what goes into it: with several processes asking at once
+    (torchrun's ranks, two runs) the first prepares and the others wait, then find it made. The kernel releases the
+    lock of a process that dies, so a killed preparation blocks no one; its half-written files are never read, since
+    every file is renamed into place whole and the code cache records whether it is complete."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process to prepare {folder} ...", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
+    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
     import world
     os.makedirs(p["data"], exist_ok=True)
     recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
@@ -130,13 +159,14 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS):
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(recipe, f)
+    os.replace(path + ".tmp", path)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
             world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours), p["data"], f"{kind}_train")
-    if not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
-        n = n_records["t2t"] * 2
+    if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
+        n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
 
 
@@ -154,7 +184,7 @@ def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
-def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL):
+def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL, device="cpu"):
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
@@ -174,12 +204,12 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
         return torch.stack([vqgan.preprocess(pictures.render(pic), pictures.SIZE) for pic in pics])
 
     cfg = dataclasses.replace(vqgan.VQGANConfig.toy(), cell_local=cell_local)
-    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality)
+    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality, device=device)
 
 
-def make_codes(p, vq_dir):
+def make_codes(p, vq_dir, device="cpu"):
     import vqgan
-    model = vqgan.load_vqgan(vq_dir)
+    model = vqgan.load_vqgan(vq_dir, device=device)
     if os.path.exists(os.path.join(p["codes"], "meta.json")) and _cache_complete(p):
         agree = codes_agree(p, model)
         if agree < 0.9:
@@ -188,6 +218,7 @@ def make_codes(p, vq_dir):
                              f"it (or run `python toy.py --from codes`) to encode the images again.")
         return
     srcs = [os.path.join(p["data"], f"{t}_train.jsonl") for t in ("t2i", "t2ti")]
+    srcs = [s for s in srcs if os.path.exists(s)]  # train.py's toy defaults export only what their stage reads
     vqgan.build_cache(model, srcs, p["codes"], size=64, batch=64, vqgan_path=vq_dir)
 
 
@@ -213,17 +244,18 @@ def _cache_complete(p):
     return meta.get("complete", True)
 
 
-def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100):
-    """The train.py command line of one resumable CPU run (toy.py's stages and ablations.py's arms)."""
+def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100, device="cpu"):
+    """The train.py command line of one resumable run (toy.py's stages and ablations.py's arms)."""
+    dtype = _amp() if device == "cpu" else "bfloat16"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
            "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
-           "--save-every", str(save_every), "--device", "cpu", "--dtype", _amp()]
+           "--save-every", str(save_every), "--device", device, "--dtype", dtype]
     for d in data:
         cmd += ["--data", d]
     return cmd
 
 
-def train(stage, p, extra=(), quick=False):
+def train(stage, p, extra=(), quick=False, device="cpu"):
     """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt)."""
     steps, batch, lr, warmup = TRAIN[stage]
     if quick:
@@ -233,7 +265,7 @@ def train(stage, p, extra=(), quick=False):
         return
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, ".running"), "w").close()
-    cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage))
+    cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage), device=device)
     if stage == 0:
         cmd += ["--preset", "toy", "--tokenizer", p["tok"]]
     else:
@@ -276,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--ship", default=SHIP, help="where the shipped checkpoints go")
     ap.add_argument("--from", dest="start", choices=STEPS, help="redo this step and every later one")
     ap.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline end to end in minutes")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where the VQGAN, the codes and every stage run "
+                                                    "(the shipped recipe ran on the CPU)")
     ap.add_argument("--vq-locality", type=float, default=VQ_LOCALITY,
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
@@ -302,13 +336,15 @@ def main(argv=None):
         fn(*a, **kw)
         timings[name] = time.time() - t
 
-    timed("data", make_data, p, n, name_colours=args.name_colours)
+    with prepared_once(p["data"]):
+        timed("data", make_data, p, n, name_colours=args.name_colours)
     timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
-          cell_local=args.cell_local)
-    timed("codes", make_codes, p, p["vq_run"])
+          cell_local=args.cell_local, device=args.device)
+    with prepared_once(p["data"]):
+        timed("codes", make_codes, p, p["vq_run"], args.device)
     for stage in (0, 1, 2, 3):
-        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick)
+        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick, device=args.device)
     timed("ship", ship, p)
     print("toy: done in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 

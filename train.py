@@ -51,6 +51,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.mode
                    "tokenizer_config.json", "special_tokens_map.json")
 # arguments that fix the run's data sequence and objective: a resume must not change them
 # (AdamW's own hyperparameters too: Optimizer.load_state_dict would silently keep the saved ones)
+MAX_EMPTY_STEPS = 20  # steps in a row with nothing to learn from before a run stops (the data cannot train it)
 RESUME_FIXED = ("stage", "seed", "data", "mix", "max_len", "cfg_drop", "alpha", "beta", "train", "t2i_templates",
                 "weight_decay", "adam_betas")
 
@@ -115,7 +116,7 @@ def parse_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if not (args.data or args.base or args.init or args.preset or args.tokenizer):
-        # item 7: with no data or model arguments, the toy world supplies every default (toy.toy_defaults)
+        # with no data or model arguments, the toy world supplies every default (toy.toy_defaults)
         import importlib.util
 
         if importlib.util.find_spec("toy") is None:
@@ -206,13 +207,28 @@ def build_model(args, device, codes, vqgan, verbose):
         over.update({f: getattr(args, f) for f in ARMOR_FIELDS if getattr(args, f) is not None})
         model = armor.from_internvl(args.base, device=device, seed=args.seed, verbose=verbose, **over)
         base = args.base
-    else:
-        model = armor.from_pretrained(args.init, device=device, verbose=verbose)
-        with open(os.path.join(args.init, "config.json")) as f:
-            base = json.load(f).get("base")
-        base = None if base is None else os.path.normpath(os.path.join(args.init, base))
+    else:  # sample.py's loader: the same tokenizer rule and path checks as sampling
+        from sample import load_armor
+
+        model, tok, ck = load_armor(args.init, device=device, verbose=verbose)
+        return model, tok, str(ck.tokenizer_dir), None if ck.base is None else str(ck.base)
     src = base or args.init
     return model, Tokenizer.from_dir(src), src, base
+
+
+def vqgan_of(args, codes):
+    """Where the run's image decoder is, recorded in the checkpoint so that sample.py draws with no other flag:
+    --vqgan, else the one the code cache was built with, else the one the --init checkpoint names. None: unknown."""
+    if args.vqgan:
+        return os.path.abspath(args.vqgan)
+    if codes is not None and codes.meta.get("vqgan"):
+        return os.path.abspath(codes.meta["vqgan"])
+    if args.init:
+        with open(os.path.join(args.init, "config.json")) as f:
+            named = json.load(f).get("vqgan")
+        if named:
+            return os.path.abspath(os.path.join(args.init, named))  # the join keeps an absolute path as it is
+    return None
 
 
 def check_vocab(cfg, tok, src):
@@ -441,6 +457,9 @@ def train(args, ddp, rank, world, device, master, log):
     if is_armor:
         check_vq(cfg, codes, vqgan)
     what = trainable_set(model, args)
+    if amp_dtype == torch.bfloat16:  # same numbers, half the memory (armor.frozen_matmuls)
+        for p in armor.frozen_matmuls(model):
+            p.data = p.data.to(amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     model.grad_ckpt = model.vision_model.grad_ckpt = args.grad_ckpt
@@ -458,6 +477,9 @@ def train(args, ddp, rank, world, device, master, log):
         log(line)
     log(f"batch: {stream.global_batch} examples per step ({args.batch_size} x {args.grad_accum} micro-steps x {world} "
         f"ranks), max {args.max_len} tokens, condition dropout {args.cfg_drop:g}")
+    if args.warmup >= args.steps:  # a smoke run with the default warmup would learn nothing and look fine
+        log(f"warning: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate stays at or "
+            f"below {lr_at(args.steps, args):.2g} (--lr {args.lr:g}); pass a shorter --warmup to train")
 
     # --- optimizer: AdamW, decay on matrices only ------------------------------------------------------------------
     decay = [p for p in params if p.dim() >= 2]
@@ -523,7 +545,8 @@ def train(args, ddp, rank, world, device, master, log):
     # --- the loop --------------------------------------------------------------------------------------------------
     V = cfg.llm.vocab_size
     pad_id = tok.pad if tok.pad is not None else 0
-    times, shown, t_start, step0 = [], 0, time.time(), step
+    times, shown, t_start, step0, empty = [], 0, time.time(), step, 0
+    wanted = " or ".join(k for k, w in (("text", args.alpha), ("image", args.beta)) if w)
     with stop_signals() as stop, closing(Prefetcher(stream.next_step, args.prefetch)) as prefetch:
         while step < args.steps:
             t0 = time.time()
@@ -555,6 +578,18 @@ def train(args, ddp, rank, world, device, master, log):
                 if shown < 10:
                     log(f"data: skipped {e}")
                     shown += 1
+            if not (args.alpha * counts[0] + args.beta * counts[1]):
+                # nothing this stage learns from in the whole step (every example dropped, or none with a target of
+                # the stage's loss): no update, so decay, momentum and the schedule do not move on an empty step
+                data_state, empty = sd.state, empty + 1
+                log(f"step {step + 1}: no {wanted} targets in this step's {stream.global_batch} examples "
+                    f"({int(counts[4:].sum())} skipped as bad data): no update")
+                if empty >= MAX_EMPTY_STEPS:
+                    raise UsageError(f"{empty} steps in a row had nothing to train on; skipped so far: " +
+                                     (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v)
+                                      or "none") + " (see --max-len and the data)")
+                continue
+            empty = 0
 
             lr = lr_at(step + 1, args)
             for g in opt.param_groups:
@@ -623,7 +658,10 @@ def train(args, ddp, rank, world, device, master, log):
             # (--train all) the whole model is written
             touched = any(p.requires_grad for k, p in model.named_parameters()
                           if not k.startswith("armor.") and k not in armor.PARTIAL_BASE_KEYS)
-            armor.save_pretrained(model, args.out, base=None if touched else base_dir)
+            # absolute paths: the output folder can be moved or copied on this machine and still find both
+            base = None if touched or base_dir is None else os.path.abspath(base_dir)
+            armor.save_pretrained(model, args.out, base=base,
+                                  vqgan=vqgan_of(args, codes))
             for fn in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(tok_dir, fn)):
                     shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(args.out, fn))

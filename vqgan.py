@@ -16,6 +16,12 @@ Commands
       encode + decode images, writes <name>_recon.png side by side with the input.
   python vqgan.py bench [--runs 3]
       CPU fp32 timings of encode / decode at 256 px, released config, random weights.
+  python vqgan.py random --out DIR [--ch 32] [--ch-mult 1,1,1,1] [--codes 64] [--embed-dim 16] [--seed 0]
+      a VQGAN with random weights written exactly as Chameleon releases its tokenizer: DIR/vqgan.ckpt (a pickled
+      {"state_dict": ...} of fp32 tensors under taming's key names) and DIR/vqgan.yaml (taming's layout). For tests
+      and smoke runs of the released-weights commands (README, tests/test_road.py). The defaults give f = 8
+      (32 px -> 4x4 codes of 64), 0.2M parameters; widths are multiples of 32 because taming hard-codes
+      GroupNorm(32). `--ch 128 --ch-mult 1,1,2,2,4 --codes 8192 --embed-dim 256` is the released shape.
 
 Python
   model = load_vqgan("tokenizer/")           # vqgan.ckpt (+ vqgan.yaml) or model.safetensors (+ config.json)
@@ -495,6 +501,60 @@ def save_vqgan(model: VQGAN, out_dir):
     _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(asdict(model.config), indent=2) + "\n"))
 
 
+def to_yaml(cfg: VQGANConfig) -> str:
+    """vqgan.yaml for a config, in the layout of Chameleon's tokenizer/vqgan.yaml (taming's VQModel config; the
+    values of spec section 1). The lossconfig block is taming's usual one: the released text is not public, and
+    every loader (ours, chameleon/inference/image_tokenizer.py) ignores it."""
+    if cfg.num_groups != 32 or cfg.cell_local:
+        raise ValueError("vqgan.yaml cannot carry num_groups != 32 or cell_local (taming hard-codes GroupNorm(32) "
+                         "and encodes whole images); write config.json with save_vqgan instead")
+    dd = [("double_z", "false"), ("z_channels", cfg.z_channels), ("resolution", cfg.resolution),
+          ("in_channels", cfg.in_channels), ("out_ch", cfg.out_ch), ("ch", cfg.ch)]
+    lines = ["model:", "  base_learning_rate: 4.5e-06", "  target: taming.models.vqgan.VQModel", "  params:",
+             f"    embed_dim: {cfg.embed_dim}", f"    n_embed: {cfg.n_embed}", "    ddconfig:"]
+    lines += [f"      {k}: {v}" for k, v in dd]
+    lines += ["      ch_mult:"] + [f"      - {m}" for m in cfg.ch_mult]
+    lines += [f"      num_res_blocks: {cfg.num_res_blocks}", "      attn_resolutions: []",
+              f"      dropout: {float(cfg.dropout)}",
+              "    lossconfig:", "      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator",
+              "      params:", "        disc_conditional: false", "        disc_in_channels: 3",
+              "        disc_start: 0", "        disc_weight: 0.8", "        codebook_weight: 1.0"]
+    return "\n".join(lines) + "\n"
+
+
+def save_released(model: VQGAN, out_dir):
+    """Write vqgan.ckpt + vqgan.yaml as Meta ships its tokenizer (spec section 2): a torch pickle of
+    {"state_dict": OrderedDict of fp32 tensors} under taming's key names, which load_vqgan(out_dir) and
+    chameleon/inference/vqgan.py both read."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(model.config)  # first: refuse a config the yaml cannot describe before writing anything
+    sd = type(model.state_dict())((k, v.detach().cpu().float().contiguous().clone())
+                                  for k, v in model.state_dict().items())
+    _atomic_write(out / "vqgan.ckpt", lambda p: torch.save({"state_dict": sd}, p))
+    _atomic_write(out / "vqgan.yaml", lambda p: p.write_text(text))
+
+
+@torch.no_grad()
+def random_vqgan(cfg: VQGANConfig, seed=0) -> VQGAN:
+    """A VQGAN with random weights in which every tensor counts: biases and GroupNorm affines moved off their 0 / 1
+    init, and the codebook drawn (plus noise) from the quantizer inputs of random blocky pictures, so that different
+    pictures get different codes (at the uniform init nearly every cell falls on a handful of codes)."""
+    with torch.random.fork_rng():  # leave the caller's global generator as it was
+        torch.manual_seed(seed)
+        model = VQGAN(cfg).eval()
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".norm" in name:
+                p.add_(0.1 * torch.randn(p.shape))
+        side = 4 * cfg.factor  # 4x4 cells; colours constant over 1, 2 or 4 cells
+        x = torch.cat([F.interpolate(torch.rand(8, 3, k, k) * 2 - 1, size=(side, side), mode="nearest")
+                       for k in (1, 2, 4)])
+        z = model.encode_z(x).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)
+        pick = torch.randint(len(z), (cfg.n_embed,))
+        model.quantize.embedding.weight.copy_(z[pick] + 0.5 * z.std() * torch.randn(cfg.n_embed, cfg.embed_dim))
+    return model.requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pre- and post-processing, exactly as chameleon/inference/image_tokenizer.py (spec section 4)
 
@@ -629,7 +689,9 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
     sha = hashlib.sha1()  # fingerprint of the weights, so a rerun cannot mix codes of two tokenizers
     for k, v in model.state_dict().items():
         sha.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    meta = {"vqgan": str(vqgan_path), "weights_sha1": sha.hexdigest(), "dtype": str(model.quant_conv.weight.dtype),
+    # the VQGAN as an absolute path: train.py records it in the checkpoints it writes, so sampling finds the decoder
+    vq = os.path.abspath(vqgan_path) if vqgan_path else ""
+    meta = {"vqgan": vq, "weights_sha1": sha.hexdigest(), "dtype": str(model.quant_conv.weight.dtype),
             "config": asdict(cfg), "size": size, "grid": [h, w]}
     if (out / "meta.json").exists():
         old = json.loads((out / "meta.json").read_text())
@@ -742,7 +804,7 @@ class CodeCache:
 
 
 def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", log_every=100, resume=True,
-                restart_every=100, locality=0.0) -> VQGAN:
+                restart_every=100, locality=0.0, device="cpu") -> VQGAN:
     """Train a VQGAN from scratch: loss = MSE(recon, x) + VQ loss (taming's legacy order: commitment term with
     weight 1 + 0.25 * codebook term). MSE rather than L1: on toy drawings it gave 0.025 held-out MSE after 2000
     steps where L1 gave 0.034 (and a plain autoencoder with L1 0.026).
@@ -762,12 +824,12 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = VQGAN(cfg)
+    model = VQGAN(cfg).to(device)  # initialised on the CPU first: the same weights from the seed on every device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    usage = torch.zeros(cfg.n_embed, dtype=torch.long)  # code counts since the last restart check
+    usage = torch.zeros(cfg.n_embed, dtype=torch.long, device=device)  # code counts since the last restart check
     step, state_path = 0, out / "train_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = torch.load(state_path, map_location=device, weights_only=True)
         if st["config"] != asdict(cfg):
             raise ValueError(f"{state_path}: was trained with config {st['config']}, not {asdict(cfg)}")
         if st.get("locality", 0.0) != locality:
@@ -775,7 +837,7 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         usage, step = st["usage"], st["step"]
-        torch.set_rng_state(st["rng"])
+        torch.set_rng_state(st["rng"].cpu())
         print(f"vqgan train: resumed from {state_path} at step {step}")
 
     def save_state():
@@ -785,10 +847,10 @@ def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", 
 
     model.train()
     bar = tqdm(total=steps, initial=step, unit="step", desc="vqgan train")
-    window_codes = torch.zeros(cfg.n_embed, dtype=torch.bool)  # codes used since the last log line
+    window_codes = torch.zeros(cfg.n_embed, dtype=torch.bool, device=device)  # codes used since the last log line
     t0, step0 = time.time(), step
     while step < steps:
-        x = batches(step) if callable(batches) else next(batches)
+        x = (batches(step) if callable(batches) else next(batches)).to(device)
         # lr: constant, then cosine to 10% over the last half (sharper final reconstructions)
         frac = max(0.0, step / steps - 0.5) * 2
         for g in opt.param_groups:
@@ -839,7 +901,7 @@ def _context_pairs(x, f, step):
     h, w = H // f, W // f
     dy, dx = (int(v) for v in torch.randint(-(h // 2), h // 2 + 1, (2,), generator=g))
     moved = torch.roll(x, (dy * f, dx * f), dims=(2, 3)).clone()
-    keep = torch.ones(B, h, w, dtype=torch.bool)
+    keep = torch.ones(B, h, w, dtype=torch.bool, device=x.device)
     donor = torch.roll(x, 1, dims=0)
     for i in range(B):
         bh, bw = (int(v) for v in torch.randint(1, h // 2 + 1, (2,), generator=g))
@@ -876,8 +938,9 @@ def _restart_dead_codes(model, opt, usage, z):
     k = min(len(dead), len(cand))
     if k == 0:
         return
-    pick, dead = cand[torch.randperm(len(cand))[:k]], dead[:k]
-    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(k, zf.shape[1])
+    # drawn from the CPU generator whatever the device, as the rest of the run's randomness
+    pick, dead = cand[torch.randperm(len(cand)).to(cand.device)[:k]], dead[:k]
+    emb[dead] = zf[pick] + 0.01 * zf.std() * torch.randn(k, zf.shape[1]).to(zf.device)
     st = opt.state.get(emb)
     if st:  # forget the Adam moments of the re-seeded rows
         st["exp_avg"][dead] = 0
@@ -985,6 +1048,14 @@ def main(argv=None):
     r.add_argument("--size", type=int, default=256)
     b = sub.add_parser("bench", help="CPU timings, released config, random weights")
     b.add_argument("--runs", type=int, default=3)
+    m = sub.add_parser("random", help="write a random VQGAN in Chameleon's released layout (vqgan.ckpt + .yaml)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--ch", type=int, default=32, help="width of the first level (a multiple of 32)")
+    m.add_argument("--ch-mult", default="1,1,1,1", help="width multipliers, one level each; f = 2^(levels-1)")
+    m.add_argument("--codes", type=int, default=64, help="codebook size (n_embed)")
+    m.add_argument("--embed-dim", type=int, default=16, help="code vector size (also z_channels)")
+    m.add_argument("--num-res-blocks", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "cache":
@@ -1011,6 +1082,22 @@ def main(argv=None):
             print(f"wrote {len(args.images)} input|reconstruction pairs to {args.out}")
         elif args.cmd == "bench":
             bench(args.runs)
+        elif args.cmd == "random":
+            try:
+                mult = tuple(int(v) for v in args.ch_mult.split(","))
+            except ValueError:
+                raise ValueError(f"--ch-mult {args.ch_mult!r}: expected comma-separated integers") from None
+            bad = [args.ch * m for m in mult if (args.ch * m) % 32]
+            if bad:
+                raise ValueError(f"--ch {args.ch} --ch-mult {args.ch_mult}: widths {bad} are not multiples of 32 "
+                                 f"(taming's GroupNorm(32))")
+            cfg = VQGANConfig(embed_dim=args.embed_dim, n_embed=args.codes, z_channels=args.embed_dim, ch=args.ch,
+                              ch_mult=mult, num_res_blocks=args.num_res_blocks, resolution=256)
+            model = random_vqgan(cfg, args.seed)
+            save_released(model, args.out)
+            n = sum(p.numel() for p in model.parameters())
+            print(f"random vqgan: {len(model.state_dict())} tensors, {n:,} params, f = {cfg.factor}, "
+                  f"{cfg.n_embed} codes -> {Path(args.out) / 'vqgan.ckpt'} + vqgan.yaml")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -10,7 +10,6 @@
 
   python -m pytest tests/test_tokenizer.py
 """
-import io
 import json
 import random
 import re
@@ -18,10 +17,9 @@ import unicodedata
 
 import pytest
 import regex
-import sentencepiece as spm
 
-from tokenizer import (INTERNVL_TOKENS, QWEN2_SPLIT_REGEX, QWEN_SPECIALS, SYSTEM_MESSAGE, Tokenizer, build_prompt,
-                       expand_images)
+from conftest import write_internlm2_tokenizer, write_qwen2_tokenizer
+from tokenizer import QWEN2_SPLIT_REGEX, SYSTEM_MESSAGE, Tokenizer, build_prompt, expand_images
 
 # ---- text ------------------------------------------------------------------------------------------------------------
 WORDS = ("the quick brown fox jumps over lazy dog image model token vision language draw picture of a cat sitting on "
@@ -138,10 +136,7 @@ class SlowQwen2:
 def qwen(tmp_path_factory):
     trio, saved = tmp_path_factory.mktemp("qwen_trio"), tmp_path_factory.mktemp("qwen_saved")
     tok = Tokenizer.train_bpe(corpus(3000, seed=0), vocab_size=1500, out_dir=saved)  # writes tokenizer.json
-    tok.tk.model.save(str(trio))  # vocab.json + merges.txt, as Qwen2 ships them
-    n = tok.tk.get_vocab_size(with_added_tokens=False)
-    added = {t: n + k for k, t in enumerate(QWEN_SPECIALS + INTERNVL_TOKENS)}
-    (trio / "added_tokens.json").write_text(json.dumps(added))
+    added = write_qwen2_tokenizer(tok, trio)  # vocab.json + merges.txt + added_tokens.json, as Qwen2 ships them
     return tok, trio, saved, added
 
 
@@ -192,7 +187,6 @@ def test_qwen2_special_ids(qwen):
 
 
 # ---- InternLM2 SentencePiece BPE --------------------------------------------------------------------------------
-CHAT_MARKERS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>"]
 SP_VARIANTS = {
     # what InternLM2 is thought to use (spec §7: prepend_scheme "never"); also carries a user-defined piece
     "no_dummy_prefix": dict(normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
@@ -207,22 +201,8 @@ SP_VARIANTS = {
 def internlm2(request, tmp_path_factory):
     """tokenizer.model + added_tokens.json + tokenizer_config.json laid out like InternVL2.5-2B: the chat markers
     are placeholder pieces renamed by tokenizer_config.json, the 9 InternVL tokens follow the vocabulary."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(3000, seed=0)), model_writer=buf, model_type="bpe", vocab_size=1500,
-        byte_fallback=True, character_coverage=0.999, hard_vocab_limit=False, num_threads=2, minloglevel=2,
-        control_symbols=[f"[UNUSED_TOKEN_{k}]" for k in range(6)], **SP_VARIANTS[request.param])
-    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     d = tmp_path_factory.mktemp(f"internlm2_{request.param}")
-    (d / "tokenizer.model").write_bytes(buf.getvalue())
-    n = sp.get_piece_size()
-    ids = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    ids.update({t: sp.piece_to_id(f"[UNUSED_TOKEN_{k}]") for k, t in enumerate(CHAT_MARKERS)})
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True,
-         "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in ids.items()}}))
-    ids.update({t: n + k for k, t in enumerate(INTERNVL_TOKENS)})
-    (d / "added_tokens.json").write_text(json.dumps({t: n + k for k, t in enumerate(INTERNVL_TOKENS)}))
+    sp, ids = write_internlm2_tokenizer(d, corpus(3000, seed=0), vocab_size=1500, **SP_VARIANTS[request.param])
     return sp, d, ids, request.param
 
 
