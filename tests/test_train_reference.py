@@ -303,9 +303,9 @@ def test_bf16_run_resumed_after_a_crash_equals_the_uninterrupted_run(world, monk
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     la, lb = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (world / "bf16", out))
     assert [r["step"] for r in lb] == [1, 2, 3, 4] and [r["loss"] for r in la] == [r["loss"] for r in lb]
-    # bf16 autocast really ran: the same run in fp32 ends close to it, but not equal (weights stay fp32 in both)
+    # bf16 autocast really ran: the same run in fp32 ends close to it, but not equal (trained weights stay fp32)
     fp32 = train.main(resume_args(world, world / "fp32", "--dtype", "float32"))
-    assert all(p.dtype == torch.float32 for p in resumed.parameters())
+    assert all(p.dtype == torch.float32 for p in resumed.parameters() if p.requires_grad)
     lc = [json.loads(ln)["loss"] for ln in (world / "fp32" / "metrics.jsonl").read_text().splitlines()]
     assert lc != [r["loss"] for r in la] and lc == pytest.approx([r["loss"] for r in la], rel=0.05)
     assert not torch.equal(fp32.armor.visual_head.weight, full.armor.visual_head.weight)
