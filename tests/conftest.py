@@ -59,27 +59,9 @@ def write_internlm2_tokenizer(path, texts, vocab_size=1500, **sp_options):
 # ---------------------------------------------------------------------------------------------------------------------
 # Markers
 
-# Tests in other files that run whole programs in subprocesses (the toy pipeline, sample.py's CLI, vqgan.py's
-# cache and toy.py's data preparation killed or run twice at once) or score the shipped toy model end to end over
-# many sampled answers: marked e2e here, like the ones marked in their own file, so that `-m "not e2e"` stays a
-# quick loop.
-E2E = {"test_toy.py::test_sample_cli_draws_and_answers", "test_toy.py::test_pipeline_quick_end_to_end",
-       "test_toy.py::test_shipped_model_draws_what_is_asked",
-       "test_toy.py::test_shipped_model_starts_a_picture_for_casual_drawing_requests",
-       "test_toy.py::test_prompt_reading_tells_a_read_word_from_noise",
-       "test_toy.py::test_vqgan_ceiling_counts_what_the_tokenizer_lets_through",
-       "test_vqgan.py::test_cache_kill_and_resume",
-       "test_commands.py::test_two_processes_preparing_the_toy_data_at_once",
-       "test_commands.py::test_a_killed_preparation_is_redone_not_read",
-       "test_sample_cli.py::test_bad_input_in_a_subprocess_has_no_traceback"}
-
-
 def pytest_collection_modifyitems(config, items):
-    """Mark the E2E tests; leave out the tests marked slow unless the -m expression mentions them (pytest.ini). An
-    -m in addopts would be replaced by the command line's own -m, so `pytest -m "not e2e"` would run them too."""
-    for item in items:
-        if item.nodeid.split("/")[-1].split("[")[0] in E2E:
-            item.add_marker(pytest.mark.e2e)
+    """Leave out the tests marked slow unless the -m expression mentions them (pytest.ini). An -m in addopts would
+    be replaced by the command line's own -m, so `pytest -m "not e2e"` would run them too."""
     if "slow" in (config.getoption("markexpr") or ""):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]

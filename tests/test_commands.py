@@ -161,6 +161,7 @@ def lines(path):
     return Path(path).read_text().splitlines()
 
 
+@pytest.mark.e2e
 def test_two_processes_preparing_the_toy_data_at_once(tmp_path):
     procs = [prepare(tmp_path / "data") for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
@@ -172,6 +173,7 @@ def test_two_processes_preparing_the_toy_data_at_once(tmp_path):
     assert not list((tmp_path / "data").glob("*.tmp"))
 
 
+@pytest.mark.e2e
 def test_a_killed_preparation_is_redone_not_read(tmp_path):
     p = prepare(tmp_path / "data", kill_after=10)
     p.communicate(timeout=120)

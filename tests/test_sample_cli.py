@@ -236,6 +236,7 @@ def test_bad_input_ends_in_one_line_before_the_model_loads(case, toy, capsys, mo
     assert not (toy / "out").exists()  # nothing written either
 
 
+@pytest.mark.e2e
 def test_bad_input_in_a_subprocess_has_no_traceback(toy):
     (toy / "notes.png").write_text("not a picture")
     (toy / "armor" / "config.json").write_bytes(b"\xff" * 10)

@@ -54,6 +54,7 @@ def test_shipped_checkpoint_is_consistent():
             assert torch.equal(v, sd[k]), k
 
 
+@pytest.mark.e2e
 def test_sample_cli_draws_and_answers(tmp_path):
     """The README's first command, and a text question: the model picks the modality itself."""
     # Four answers in one batch: one drawing is a draw of chance (eval.py: scenes 0.95 over twelve; at seed 0 a
@@ -73,6 +74,7 @@ def test_sample_cli_draws_and_answers(tmp_path):
     assert "blue" in p.stdout.lower()
 
 
+@pytest.mark.e2e
 def test_shipped_model_draws_what_is_asked():
     """Seeded drawing requests through the library API, scored by the world's judges. The full measurement is
     eval.py (eval.md: single objects 1.00, scenes 0.95); this guards that the shipped weights are the trained ones:
@@ -99,6 +101,7 @@ CASUAL_TEXT = ["describe an aurora", "what is an aurora?", "What colour are the 
                "tell me about a sunset over the sea"]
 
 
+@pytest.mark.e2e
 def test_shipped_model_starts_a_picture_for_casual_drawing_requests():
     """The first answer token of the README's `python sample.py "draw an aurora"` and of other ways people type a
     drawing request is <imgbos>; describing requests start with text. An earlier model answered "draw an aurora" in
@@ -118,6 +121,7 @@ def test_shipped_model_starts_a_picture_for_casual_drawing_requests():
     assert all(p[q] < 0.5 for q in CASUAL_TEXT), p
 
 
+@pytest.mark.e2e
 def test_prompt_reading_tells_a_read_word_from_noise():
     """eval.py's prompt-reading row. The shipped model reads the shape word (eval.md: 3.63 nats where the object
     starts) and the colour word (1.73; the model shipped before, 0.77); the same model with ARMOR's new tensors
@@ -135,6 +139,7 @@ def test_prompt_reading_tells_a_read_word_from_noise():
     assert max(noise.values()) < 0.5, noise
 
 
+@pytest.mark.e2e
 def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
     """eval.py's ceiling row: the true pictures after the shipped VQGAN's round trip pass the judge almost always,
     held-out pairs less often (this VQGAN never saw them: 0.83 against 0.98 in eval.md); with the decoder's weights
@@ -153,6 +158,7 @@ def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
 # --- the pipeline ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_pipeline_quick_end_to_end(tmp_path):
     """python toy.py --quick: every step (data, BPE, VQGAN, code cache, base, stages 1-3, ship) at tiny budgets;
     then a rerun skips everything, and eval.py --quick scores the result."""

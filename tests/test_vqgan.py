@@ -494,6 +494,7 @@ def _cache_cmd(vq, srcs, out):
     return cmd
 
 
+@pytest.mark.e2e
 def test_cache_kill_and_resume(tmp_path):
     srcs = make_sources(tmp_path / "data")
     model, _, _ = random_vqgan(TINY, 32, 1)
