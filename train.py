@@ -33,6 +33,8 @@ import sys
 import threading
 import time
 from contextlib import closing, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -313,28 +315,74 @@ def save_checkpoint(path, obj):
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    _test_hook_kill_in_save(tmp)
     os.replace(tmp, path)
 
 
-def _test_hook_kill_in_save(tmp):
-    # tests/test_train.py: SIGKILL in the middle of the K-th checkpoint write (half the file on disk, not renamed)
-    k = int(os.environ.get("ARMOR_TEST_KILL_IN_SAVE", "0"))
-    if k:
-        _test_hook_kill_in_save.n = getattr(_test_hook_kill_in_save, "n", 0) + 1
-        if _test_hook_kill_in_save.n == k:
-            with open(tmp, "r+b") as f:
-                f.truncate(os.path.getsize(tmp) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
+def write_checkpoint(path, run, model, opt, args, global_batch):
+    """ckpt.pt: everything an exact resume needs (README: model, optimizer, step, data position, the run's args)."""
+    save_checkpoint(path, {
+        "step": run.step, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": opt.state_dict(), "data": run.data, "stats": run.stats, "nonfinite_skipped": run.nonfinite,
+        "args": vars(args), "global_batch": global_batch, "config": model.config.to_dict()})
 
 
-def _test_hook_park(step, stop):
-    # tests/test_train.py: after step N, wait (up to 60 s) so that a SIGKILL / SIGTERM lands between two steps
-    if int(os.environ.get("ARMOR_TEST_PARK_AFTER_STEP", "0")) == step:
-        print(f"test hook: parked after step {step}", flush=True)
-        t = time.time()
-        while not stop and time.time() - t < 60:
-            time.sleep(0.02)
+def resume(path, args, model, opt, stream, log):
+    """Load ckpt.pt into the model, optimizer and data stream (after checking that the run's settings are the saved
+    ones) -> the run's progress. A fresh start when there is no checkpoint (or no --resume)."""
+    run = Progress()
+    if not args.resume:
+        return run
+    if not os.path.exists(path):
+        log(f"--resume: no {path} yet, starting from scratch")
+        return run
+    ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: no full copy per rank
+    changed = [k for k in RESUME_FIXED if ck["args"].get(k) != getattr(args, k)]
+    if ck["global_batch"] != stream.global_batch:
+        changed.append(f"global batch {ck['global_batch']} -> {stream.global_batch}")
+    if changed:
+        raise UsageError(f"{path} was written by a run with other settings: {changed}")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if sorted(ck["trainable"]) != sorted(names):
+        raise UsageError(f"{path} trains other tensors than this run, e.g. "
+                         f"{sorted(set(ck['trainable']) ^ set(names))[:3]}")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(ck["trainable"][n])
+    opt.load_state_dict(ck["optimizer"])
+    stream.mixture.load_state_dict(ck["data"])
+    run.step, run.stats, run.nonfinite = ck["step"], ck["stats"], ck["nonfinite_skipped"]
+    log(f"resumed from {path} at step {run.step}")
+    return run
+
+
+def restart_metrics(path, step):
+    """Keep metrics.jsonl's lines up to the checkpoint's step: the later ones are about to be redone."""
+    kept = []
+    if step and os.path.exists(path):
+        with open(path) as f:
+            kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def save_final(model, args, tok, tok_dir, base_dir, codes, log):
+    """The trained model: an ARMOR checkpoint (save_pretrained) and its tokenizer, or in stage 0 a base in the
+    released InternVL layout."""
+    if args.stage == 0:
+        armor.save_internvl(model, args.out)
+        tok.save(args.out)
+        return
+    # a partial checkpoint holds ARMOR's tensors and the LM head; when other base tensors were trained (--train all)
+    # the whole model is written
+    touched = any(p.requires_grad for k, p in model.named_parameters()
+                  if not k.startswith("armor.") and k not in armor.PARTIAL_BASE_KEYS)
+    # absolute paths: the output folder can be moved or copied on this machine and still find both
+    base = None if touched or base_dir is None else os.path.abspath(base_dir)
+    armor.save_pretrained(model, args.out, base=base, vqgan=vqgan_of(args, codes))
+    for fn in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tok_dir, fn)):
+            shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(args.out, fn))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -421,16 +469,8 @@ def stop_signals():
             signal.signal(s, h)
 
 
-def train(args, ddp, rank, world, device, master, log):
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    amp_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
-        else getattr(torch, args.dtype)
-    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp_dtype == torch.bfloat16 else nullcontext()
-
-    pools, weights, lines = open_data(args)
-
-    # --- model, tokenizer, VQ codes --------------------------------------------------------------------------------
+def open_vq(args, log):
+    """Stages 1-3: the VQ code cache (--codes) and the VQGAN (--vqgan) that turn output images into codes."""
     codes = vqgan = None
     if args.stage > 0 and args.codes:
         from vqgan import CodeCache
@@ -448,28 +488,36 @@ def train(args, ddp, rank, world, device, master, log):
             vqgan = load_vqgan(args.vqgan)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--vqgan: {e}") from None
+    return codes, vqgan
+
+
+def setup_model(args, device, amp_dtype, codes, vqgan, master, ranks, log):
+    """Build or load the model, check it against the tokenizer and the codes, mark its trainable tensors.
+    ranks: the DDP world size, None without DDP. -> (model, tokenizer, tokenizer dir, base dir or None)."""
     try:
         model, tok, tok_dir, base_dir = build_model(args, device, codes, vqgan, master)
     except (armor.CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    cfg, is_armor = model.config, args.stage > 0
-    check_vocab(cfg, tok, tok_dir)
-    if is_armor:
-        check_vq(cfg, codes, vqgan)
+    check_vocab(model.config, tok, tok_dir)
+    if args.stage > 0:
+        check_vq(model.config, codes, vqgan)
     what = trainable_set(model, args)
     if amp_dtype == torch.bfloat16:  # same numbers, half the memory (armor.frozen_matmuls)
         for p in armor.frozen_matmuls(model):
             p.data = p.data.to(amp_dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     model.grad_ckpt = model.vision_model.grad_ckpt = args.grad_ckpt
     model.train()
-    n_train, n_all = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
     log(f"stage {args.stage} ({STAGE_NAMES[args.stage]}): alpha {args.alpha:g}, beta {args.beta:g} | trainable "
         f"{n_train:,} of {n_all:,} parameters ({what}) | {device}, {str(amp_dtype).replace('torch.', '')}"
-        + (f", {world} ranks" if ddp else ""))
+        + (f", {ranks} ranks" if ranks else ""))
+    return model, tok, tok_dir, base_dir
 
-    # --- data ------------------------------------------------------------------------------------------------------
+
+def open_stream(args, tok, cfg, codes, vqgan, data, rank, world, log):
+    """The training batches of this rank (data.TrainStream) from open_data's pools and weights."""
+    pools, weights, lines = data
     builder = ExampleBuilder(tok, cfg, args.max_len, codes, vqgan, understanding_only=args.stage == 0)
     stream = TrainStream(pools, weights, builder, args.batch_size, args.grad_accum, rank, world, args.seed,
                          args.cfg_drop, args.strict_data, tok.pad if tok.pad is not None else 0)
@@ -480,49 +528,112 @@ def train(args, ddp, rank, world, device, master, log):
     if args.warmup >= args.steps:  # a smoke run with the default warmup would learn nothing and look fine
         log(f"warning: --warmup {args.warmup} is not shorter than --steps {args.steps}: the learning rate stays at or "
             f"below {lr_at(args.steps, args):.2g} (--lr {args.lr:g}); pass a shorter --warmup to train")
+    return stream
 
-    # --- optimizer: AdamW, decay on matrices only ------------------------------------------------------------------
-    decay = [p for p in params if p.dim() >= 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
+
+def make_optimizer(params, args):
+    """AdamW, with weight decay on matrices only (not on norms and biases)."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     betas = tuple(float(b) for b in args.adam_betas.split(","))
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas)
 
-    # --- resume ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """What a checkpoint records of the run besides the tensors."""
+    step: int = 0  # optimizer steps taken
+    stats: dict = field(default_factory=lambda: {k: 0 for k in BAD_KINDS})  # bad records skipped, by kind
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient (--skip-nonfinite)
+    data: dict = None  # the data stream's position after the last step taken
+
+
+def global_sum(values, ddp, device):
+    """Sum a list of numbers over the ranks (one all_reduce; the identity in a single process)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if ddp:
+        t = t.to(device)
+        dist.all_reduce(t)
+        t = t.cpu()
+    return t
+
+
+def global_counts(sd, vocab_size, ddp, device):
+    """The step's token counts over every micro-batch of every rank, so that each micro-step's loss is its share of
+    the step's token mean; with the bad records by kind and whether a rank stopped on bad data (--strict-data).
+    -> SimpleNamespace(text, img, tokens, bad {kind: n}, strict_stop)."""
+    n_text = n_img = n_tokens = 0
+    for b in sd.batches:
+        if b is not None:
+            n_text += int(((b.targets >= 0) & (b.targets <= vocab_size)).sum())  # text targets, and <eoi>
+            n_img += int((b.targets > vocab_size).sum())  # image code targets sit after the text vocabulary
+            n_tokens += b.n_tokens
+    bad = [sum(e.kind == kind for e in sd.bad) for kind in BAD_KINDS]
+    c = global_sum([n_text, n_img, n_tokens, sd.error is not None, *bad], ddp, device)
+    return SimpleNamespace(text=int(c[0]), img=int(c[1]), tokens=int(c[2]), strict_stop=bool(c[3]),
+                           bad={kind: int(c[4 + k]) for k, kind in enumerate(BAD_KINDS)})
+
+
+def log_step(run, args, lr, loss, loss_text, loss_img, gnorm, dt, t_data, n_tokens, eta, metrics_path, log):
+    """One progress line per step (rank 0), and the same numbers in metrics.jsonl."""
+    skipped = sum(run.stats.values())
+    log(f"step {run.step}/{args.steps} | loss {loss:.3g} (text {on(args.alpha, loss_text)}, img "
+        f"{on(args.beta, loss_img)}) | lr {fmt_lr(lr)} | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s | "
+        f"eta {fmt_time(eta)}" + (f" | skipped {skipped:,}" if skipped else ""), flush=True)
+    if metrics_path:
+        rec = {"step": run.step, "loss": loss, "loss_text": loss_text, "loss_img": loss_img, "lr": lr,
+               "grad_norm": gnorm, "ms": dt * 1000, "data_ms": t_data * 1000, "tokens": n_tokens,
+               "tok_s": n_tokens / dt, "skipped": dict(run.stats), "nonfinite_skipped": run.nonfinite}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def skip_or_stop_nonfinite(run, args, loss, sd, rank, log):
+    """A non-finite loss or gradient: stop the run, or with --skip-nonfinite skip the update and count it. The same
+    decision on every rank: loss and gradients are all-reduced."""
+    batch_names = [n for b in sd.batches if b is not None for n in b.names]
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    msg = f"non-finite {what} at step {run.step}; batch (rank {rank}): {', '.join(batch_names)}"
+    if not args.skip_nonfinite:
+        print(f"error: {msg}", flush=True)
+        raise UsageError(f"stopped at step {run.step} on a non-finite {what} (--skip-nonfinite skips such steps)")
+    run.nonfinite += 1
+    log(f"skipped update: {msg}")
+
+
+def after_step(step, stop):
+    """Called after every step, its checkpoint written. Does nothing: tests replace it to interrupt a run at a
+    known point (a crash, a SIGKILL or SIGTERM between two steps)."""
+
+
+def skipped_text(stats):
+    return ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v)
+
+
+def train(args, ddp, rank, world, device, master, log):
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
+    amp_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp_dtype == torch.bfloat16 else nullcontext()
+
+    data = open_data(args)  # checked before the (slow) model load
+    codes, vqgan = open_vq(args, log)
+    model, tok, tok_dir, base_dir = setup_model(args, device, amp_dtype, codes, vqgan, master,
+                                                  world if ddp else None, log)
+    cfg, params = model.config, [p for p in model.parameters() if p.requires_grad]
+    stream = open_stream(args, tok, cfg, codes, vqgan, data, rank, world, log)
+    opt = make_optimizer(params, args)
+
     # No RNG state in the checkpoint: every random draw of training (data order, type mix, condition-dropout coin,
     # t2i template) comes from generators seeded by (seed, example index) in data.Mixture, so the saved data position
     # is the whole random state, and the model has no dropout. The seeding below only makes any future draw
     # reproducible; tests/test_train_reference.py checks that the loop draws nothing from the global generators.
-    step, stats, nonfinite = 0, {k: 0 for k in BAD_KINDS}, 0
     torch.manual_seed(args.seed + rank)
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # no full copy per rank
-        changed = [k for k in RESUME_FIXED if ck["args"].get(k) != getattr(args, k)]
-        if ck["global_batch"] != stream.global_batch:
-            changed.append(f"global batch {ck['global_batch']} -> {stream.global_batch}")
-        if changed:
-            raise UsageError(f"{ckpt_path} was written by a run with other settings: {changed}")
-        if sorted(ck["trainable"]) != sorted(names):
-            raise UsageError(f"{ckpt_path} trains other tensors than this run, e.g. "
-                             f"{sorted(set(ck['trainable']) ^ set(names))[:3]}")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(ck["trainable"][n])
-        opt.load_state_dict(ck["optimizer"])
-        stream.mixture.load_state_dict(ck["data"])
-        step, stats, nonfinite = ck["step"], ck["stats"], ck["nonfinite_skipped"]
-        log(f"resumed from {ckpt_path} at step {step}")
-    elif args.resume:
-        log(f"--resume: no {ckpt_path} yet, starting from scratch")
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if master:  # drop the lines of steps after the checkpoint: they are about to be redone
-        kept = []
-        if step and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+    run = resume(ckpt_path, args, model, opt, stream, log)
+    run.data = stream.mixture.state_dict()
+    if master:
+        restart_metrics(metrics_path, run.step)
 
     # DDP. A micro-batch may leave a trainable tensor out of the graph (no image target in a stage-3 micro-batch, no
     # image token for the new embedding rows in a t2t one): `touch` adds 0 * one element of every trainable tensor to
@@ -533,145 +644,81 @@ def train(args, ddp, rank, world, device, master, log):
     def touch():
         return sum(p.view(-1)[0] for p in params) * 0.0
 
-    data_state = stream.mixture.state_dict()  # position after the last step taken
-
-    def checkpoint():
-        if master:
-            save_checkpoint(ckpt_path, {
-                "step": step, "trainable": {n: p.detach().cpu() for n, p in zip(names, params)},
-                "optimizer": opt.state_dict(), "data": data_state, "stats": stats, "nonfinite_skipped": nonfinite,
-                "args": vars(args), "global_batch": stream.global_batch, "config": cfg.to_dict()})
-
-    # --- the loop --------------------------------------------------------------------------------------------------
-    V = cfg.llm.vocab_size
     pad_id = tok.pad if tok.pad is not None else 0
-    times, shown, t_start, step0, empty = [], 0, time.time(), step, 0
+    times, shown, t_start, step0, empty = [], 0, time.time(), run.step, 0
     wanted = " or ".join(k for k, w in (("text", args.alpha), ("image", args.beta)) if w)
     with stop_signals() as stop, closing(Prefetcher(stream.next_step, args.prefetch)) as prefetch:
-        while step < args.steps:
+        while run.step < args.steps:
             t0 = time.time()
             sd = prefetch.get()
             t_data = time.time() - t0
-            # global token counts of the step (every micro-batch, every rank), so that each micro-step's loss is its
-            # share of the step's token mean; with the bad-record counts and a strict-data flag, in one all_reduce
-            counts = torch.zeros(4 + len(BAD_KINDS), dtype=torch.float64)
-            for b in sd.batches:
-                if b is not None:
-                    counts[0] += int(((b.targets >= 0) & (b.targets <= V)).sum())
-                    counts[1] += int((b.targets > V).sum())
-                    counts[2] += b.n_tokens
-            counts[3] = sd.error is not None
-            for e in sd.bad:
-                counts[4 + BAD_KINDS.index(e.kind)] += 1
-            if ddp:
-                counts = counts.to(device)
-                dist.all_reduce(counts)
-                counts = counts.cpu()
-            if counts[3]:
-                if sd.error is not None:
-                    raise UsageError(f"bad data (--strict-data): {sd.error}")
-                raise UsageError("another rank stopped on bad data (--strict-data)")
-            n_text, n_img, n_tokens = max(1, int(counts[0])), max(1, int(counts[1])), int(counts[2])
-            for k, kind in enumerate(BAD_KINDS):
-                stats[kind] += int(counts[4 + k])
-            for e in sd.bad:  # the first few by name (rank 0's share), then only the counts
-                if shown < 10:
-                    log(f"data: skipped {e}")
-                    shown += 1
-            if not (args.alpha * counts[0] + args.beta * counts[1]):
+            n = global_counts(sd, cfg.llm.vocab_size, ddp, device)
+            if n.strict_stop:
+                raise UsageError(f"bad data (--strict-data): {sd.error}" if sd.error is not None
+                                 else "another rank stopped on bad data (--strict-data)")
+            for kind, k in n.bad.items():
+                run.stats[kind] += k
+            for e in sd.bad[:max(0, 10 - shown)]:  # the first few by name (rank 0's share), then only the counts
+                log(f"data: skipped {e}")
+                shown += 1
+            if not (args.alpha * n.text + args.beta * n.img):
                 # nothing this stage learns from in the whole step (every example dropped, or none with a target of
                 # the stage's loss): no update, so decay, momentum and the schedule do not move on an empty step
-                data_state, empty = sd.state, empty + 1
-                log(f"step {step + 1}: no {wanted} targets in this step's {stream.global_batch} examples "
-                    f"({int(counts[4:].sum())} skipped as bad data): no update")
+                run.data, empty = sd.state, empty + 1
+                log(f"step {run.step + 1}: no {wanted} targets in this step's {stream.global_batch} examples "
+                    f"({sum(n.bad.values())} skipped as bad data): no update")
                 if empty >= MAX_EMPTY_STEPS:
-                    raise UsageError(f"{empty} steps in a row had nothing to train on; skipped so far: " +
-                                     (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v)
-                                      or "none") + " (see --max-len and the data)")
+                    raise UsageError(f"{empty} steps in a row had nothing to train on; skipped so far: "
+                                     f"{skipped_text(run.stats) or 'none'} (see --max-len and the data)")
                 continue
             empty = 0
 
-            lr = lr_at(step + 1, args)
+            lr = lr_at(run.step + 1, args)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_text = loss_img = 0.0
             for m, batch in enumerate(sd.batches):
                 sync = not ddp or m == len(sd.batches) - 1  # all-reduce gradients on the last micro-step only
                 with (nullcontext() if sync else dmodel.no_sync()):
-                    loss, lt, li = micro_step(dmodel, batch, args, n_text, n_img, pad_id, device, amp, is_armor)
+                    loss, lt, li = micro_step(dmodel, batch, args, max(1, n.text), max(1, n.img), pad_id, device,
+                                              amp, args.stage > 0)
                     # DDP averages gradients over ranks, but the loss is already a share of the global mean: undo it
                     (loss * world + touch()).backward()
                 loss_text, loss_img = loss_text + float(lt), loss_img + float(li)
-            sums = torch.tensor([loss_text, loss_img, float(bool(stop))], dtype=torch.float64)
-            if ddp:  # step losses for the log, and whether any rank got SIGTERM / SIGINT
-                sums = sums.to(device)
-                dist.all_reduce(sums)
-                sums = sums.cpu()
+            # the step's losses for the log, and whether any rank got SIGTERM / SIGINT
+            sums = global_sum([loss_text, loss_img, float(bool(stop))], ddp, device)
             loss_text, loss_img, stopping = float(sums[0]), float(sums[1]), bool(sums[2])
             loss = args.alpha * loss_text + args.beta * loss_img
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf))
-            step += 1
+            run.step += 1
             if math.isfinite(loss) and math.isfinite(gnorm):
                 opt.step()
-            else:  # the same decision on every rank: loss and gradients are all-reduced
-                batch_names = [n for b in sd.batches if b is not None for n in b.names]
-                what = "loss" if not math.isfinite(loss) else "gradient"
-                msg = f"non-finite {what} at step {step}; batch (rank {rank}): {', '.join(batch_names)}"
-                if not args.skip_nonfinite:
-                    print(f"error: {msg}", flush=True)
-                    raise UsageError(f"stopped at step {step} on a non-finite {what} (--skip-nonfinite skips such "
-                                     f"steps)")
-                nonfinite += 1
-                log(f"skipped update: {msg}")
+            else:
+                skip_or_stop_nonfinite(run, args, loss, sd, rank, log)
             opt.zero_grad(set_to_none=True)
-            data_state = sd.state
+            run.data = sd.state
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             times = (times + [dt])[-20:]
-
-            # one progress line per step (rank 0), and the same numbers in metrics.jsonl
-            eta = sum(times) / len(times) * (args.steps - step)
-            skipped = sum(stats.values())
-            log(f"step {step}/{args.steps} | loss {loss:.3g} (text {on(args.alpha, loss_text)}, img "
-                f"{on(args.beta, loss_img)}) | lr {fmt_lr(lr)} | {dt * 1000:.0f} ms | {n_tokens / dt:,.0f} tok/s | "
-                f"eta {fmt_time(eta)}" + (f" | skipped {skipped:,}" if skipped else ""), flush=True)
-            if master:
-                rec = {"step": step, "loss": loss, "loss_text": loss_text, "loss_img": loss_img, "lr": lr,
-                       "grad_norm": gnorm, "ms": dt * 1000, "data_ms": t_data * 1000, "tokens": n_tokens,
-                       "tok_s": n_tokens / dt, "skipped": dict(stats), "nonfinite_skipped": nonfinite}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if stopping or step % args.save_every == 0 or step == args.steps:
-                checkpoint()
+            eta = sum(times) / len(times) * (args.steps - run.step)
+            log_step(run, args, lr, loss, loss_text, loss_img, gnorm, dt, t_data, n.tokens, eta,
+                     metrics_path if master else None, log)
+            if master and (stopping or run.step % args.save_every == 0 or run.step == args.steps):
+                write_checkpoint(ckpt_path, run, model, opt, args, stream.global_batch)
             if stopping:
                 signum = stop[0] if stop else signal.SIGTERM  # SIGTERM: the signal went to another rank
-                log(f"stopped by {signal.Signals(signum).name} after step {step}; {ckpt_path} saved: rerun the same "
-                    f"command with --resume to continue")
+                log(f"stopped by {signal.Signals(signum).name} after step {run.step}; {ckpt_path} saved: rerun the "
+                    f"same command with --resume to continue")
                 raise SystemExit(128 + signum)
-            _test_hook_park(step, stop)
+            after_step(run.step, stop)
 
-    # --- final model -----------------------------------------------------------------------------------------------
     if master:
-        if is_armor:
-            # a partial checkpoint holds ARMOR's tensors and the LM head; when other base tensors were trained
-            # (--train all) the whole model is written
-            touched = any(p.requires_grad for k, p in model.named_parameters()
-                          if not k.startswith("armor.") and k not in armor.PARTIAL_BASE_KEYS)
-            # absolute paths: the output folder can be moved or copied on this machine and still find both
-            base = None if touched or base_dir is None else os.path.abspath(base_dir)
-            armor.save_pretrained(model, args.out, base=base,
-                                  vqgan=vqgan_of(args, codes))
-            for fn in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(tok_dir, fn)):
-                    shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(args.out, fn))
-        else:
-            armor.save_internvl(model, args.out)
-            tok.save(args.out)
-        log(f"done: {step - step0} steps in {fmt_time(time.time() - t_start)}"
-            + (f", {nonfinite} skipped as non-finite" if nonfinite else "") + f"; saved to {args.out}")
-        if sum(stats.values()):
-            log("data: skipped " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in stats.items() if v))
+        save_final(model, args, tok, tok_dir, base_dir, codes, log)
+        log(f"done: {run.step - step0} steps in {fmt_time(time.time() - t_start)}"
+            + (f", {run.nonfinite} skipped as non-finite" if run.nonfinite else "") + f"; saved to {args.out}")
+        if sum(run.stats.values()):
+            log("data: skipped " + skipped_text(run.stats))
     if ddp:
         dist.barrier()
     return model

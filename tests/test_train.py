@@ -42,6 +42,7 @@ from test_train_reference import figure5_names
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: same bits in every process
+HOOKED = str(REPO / "tests" / "hooked_train.py")  # train.py with a park or a kill at a given step
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,8 @@ def run_args(root, out, **kw):
     return a
 
 
-def run(args, env=None, timeout=120):
-    p = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env={**ENV, **(env or {})},
+def run(args, env=None, timeout=120, script="train.py"):
+    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env={**ENV, **(env or {})},
                        capture_output=True, text=True, timeout=timeout)
     return p
 
@@ -157,12 +158,12 @@ def test_two_processes_equal_one(ddp_run, reference):
 def test_ddp_sigkill_then_resume_equals_the_uninterrupted_run(world, ddp_run):
     out = world / "ddp_killed"
     args = run_args(world, out, grad_accum=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", HOOKED, "park=3",
+           *args]
     # both ranks park after step 3 (rank 0 has then written its metrics line); the two ranks' prints interleave
     # mid-line, so the metrics file says when, and the kill takes launcher and workers at once
     log = open(world / "ddp_killed.log", "w")
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**ENV, "ARMOR_TEST_PARK_AFTER_STEP":
-                                                                                    "3"}, start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and p.poll() is None:
@@ -188,8 +189,8 @@ def test_ddp_sigkill_then_resume_equals_the_uninterrupted_run(world, ddp_run):
 
 def park_and_signal(args, step, sig):
     """Start a run that parks after `step`, send `sig` while it waits, return (returncode, stdout)."""
-    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, env={**ENV, "ARMOR_TEST_PARK_AFTER_STEP": str(step)})
+    p = subprocess.Popen([sys.executable, HOOKED, f"park={step}", *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env=ENV)
     lines = []
     try:
         for line in p.stdout:
@@ -218,7 +219,7 @@ def test_sigkill_then_resume_is_bitwise_equal(world, reference):
 @pytest.mark.e2e
 def test_kill_during_checkpoint_write_keeps_the_previous(world, reference):
     out = world / "torn"
-    p = run(run_args(world, out), env={"ARMOR_TEST_KILL_IN_SAVE": "2"})  # the second save, at step 4
+    p = run(["kill-in-save=2", *run_args(world, out)], script=HOOKED)  # the second save, at step 4
     assert p.returncode == -signal.SIGKILL
     assert (out / "ckpt.pt.tmp").exists() and trained(out)[1] == 2  # the torn file is the temporary one
     p = run(run_args(world, out) + ["--resume"])

@@ -291,7 +291,7 @@ def test_bf16_run_resumed_after_a_crash_equals_the_uninterrupted_run(world, monk
     def crash(step, stop):  # dies after step 3, between the checkpoints of steps 2 and 4
         if step == 3:
             raise Crash
-    monkeypatch.setattr(train, "_test_hook_park", crash)
+    monkeypatch.setattr(train, "after_step", crash)
     out = world / "bf16_crashed"
     with pytest.raises(Crash):
         train.main(resume_args(world, out, "--dtype", "bfloat16"))
