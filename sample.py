@@ -45,7 +45,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -118,6 +118,172 @@ def _rows(state: State, rows: slice) -> State:
 TEXT, IMAGE, IMGEND = 0, 1, 2  # what a row's next token is: from the text head, a code, the forced <imgend>
 
 
+@dataclass
+class _Row:
+    """One answer being generated: its tokens, its segments so far, and where it stands in the grammar
+    (text ... <imgbos> h*w codes <imgend> text ... <|im_end|>)."""
+    mode: int = TEXT
+    done: bool = False
+    ids: list = field(default_factory=list)  # every generated id
+    segments: list = field(default_factory=list)  # finished segments: str, or a code grid (h, w)
+    text_ids: list = field(default_factory=list)  # the current text segment's ids
+    shown: int = 0  # how many of its characters were streamed (on_text)
+    codes: list = field(default_factory=list)  # the current image's codes
+
+
+def _prompts(model, tok, conversations, images, n, T, guided):
+    """The prompts by cache column, left-padded to the longest (L columns), n rows per conversation; with guidance
+    the unconditional rows B..2B-1 mirror the conditional ones (their generated columns are written when they catch
+    up: see _Batch.feed). -> (seq (G, T) ids, pad (B,) left padding, pixels or None, L)."""
+    c, dev = model.config, next(model.parameters()).device
+    images = images or [[] for _ in conversations]
+    if len(images) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    encs = []
+    for msgs, ims in zip(conversations, images):
+        codes = [g for m in msgs if m["role"] == "assistant" for g in m.get("codes", [])]
+        encs.append(encode_conversation(tok, c, msgs, ims, codes, add_generation_prompt=True))
+    rows = [e for e in encs for _ in range(n)]  # answer r answers conversation r // n
+    B, L = len(rows), max(len(e.ids) for e in rows)
+    seq = torch.full((2 * B if guided else B, L + T), tok.pad, dtype=torch.long, device=dev)
+    for r, e in enumerate(rows):
+        ids = torch.tensor(e.ids, device=dev)
+        seq[r, L - len(ids):L] = ids
+        if guided:
+            seq[B + r, L - len(ids):L] = make_unconditional(ids, torch.tensor(e.user, device=dev), c)
+    pad = torch.tensor([L - len(e.ids) for e in rows], device=dev)
+    pixels = [e.pixels for e in rows if e.pixels is not None]
+    return seq, pad, torch.cat(pixels).to(dev) if pixels else None, L
+
+
+class _Batch:
+    """The KV caches of the B answer rows (and, with guidance, of their B unconditional twins) and the feeding of
+    each step's column of sampled ids. The unconditional rows only matter to the visual head, so while every row
+    writes text they stand still and the columns they missed wait in `lag`; they catch up in one call when an image
+    starts."""
+
+    def __init__(self, model, seq, pad, guided):
+        self.model, self.seq, self.guided = model, seq, guided
+        self.B, G = len(pad), seq.shape[0]
+        self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
+        self.cond = _rows(self.state, slice(0, self.B)) if guided else self.state
+        self.uncond = _rows(self.state, slice(self.B, G)) if guided else None
+        self.lag = []  # the columns only the conditional rows have read (their ids), not yet written to seq
+        # A step's column of ids (B or G rows): on CPU written into a buffer through its numpy view, made once, so
+        # that no step makes a tensor (torch.tensor and .numpy() each make several kernel calls; a toy step is mostly
+        # calls)
+        self.dev = seq.device
+        self.col_ids = {k: torch.empty(k, 1, dtype=torch.long) for k in {self.B, G}} if self.dev.type == "cpu" else None
+        self.col_np = {k: t.numpy() for k, t in self.col_ids.items()} if self.col_ids else None
+
+    def ids_of(self, tokens):
+        if self.col_ids is None:
+            return torch.tensor([[t] for t in tokens], device=self.dev)
+        self.col_np[len(tokens)][:, 0] = tokens
+        return self.col_ids[len(tokens)]
+
+    def feed(self, col, nxt, need_visual):
+        """Run column col (nxt: its B ids) through the LLM -> decoder outputs (B, d) of the conditional rows. When a
+        visual step follows and guidance is on, the unconditional rows first catch up in one call."""
+        model, B, state, cond, uncond, lag = self.model, self.B, self.state, self.cond, self.uncond, self.lag
+        if self.guided and need_visual:
+            if uncond.length < col:
+                if lag:  # the columns [col - len(lag), col): seq is only read here
+                    self.seq[B:, col - len(lag):col] = torch.tensor(lag, device=self.dev).T
+                    lag.clear()
+                model.extend(uncond, self.seq[B:, uncond.length:col])
+            state.length = col
+            h = model.extend(state, self.ids_of(nxt * 2))[:B, 0]
+            cond.length = uncond.length = state.length
+            return h
+        if self.guided:
+            lag.append(nxt)
+        return model.extend(cond, self.ids_of(nxt))[:, 0]
+
+
+def _text_biases(model, tok):
+    """Text head masks (added to the logits over [0, V], V = <imgbos>): <IMG_CONTEXT> only ever stands for
+    input-image features, and ids past the tokenizer's vocabulary (padded embedding rows) have no text. The second
+    also masks <imgbos>, for rows whose budget cannot hold a whole image."""
+    c, dev = model.config, next(model.parameters()).device
+    V = c.llm.vocab_size
+    text_bias = torch.zeros(V + 1, device=dev)
+    text_bias[c.img_context_id] = float("-inf")
+    text_bias[len(tok):V] = float("-inf")
+    no_room = text_bias.clone()
+    no_room[V] = float("-inf")
+    return text_bias, no_room
+
+
+def _sample_text(model, h, rows, trows, budget, biases, s: Sampling, gen):
+    """The text head's next ids for the rows trows (those writing text) -> list."""
+    c = model.config
+    V, hw = c.llm.vocab_size, c.image_grid ** 2
+    # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
+    short = [i for i, r in enumerate(trows) if budget - len(rows[r].ids) < hw + 2]
+    bias = biases[1] if len(short) == len(trows) else biases[0]
+    logits = model.text_logits(h if len(trows) == len(rows) else h[trows]) + bias  # float32, as bias is
+    if 0 < len(short) < len(trows):
+        logits[short, V] = float("-inf")
+    return sample_token(logits, s, gen).tolist()
+
+
+def _sample_codes(model, batch, irows, cfg, s: Sampling, gen):
+    """The visual head's next codes for the rows irows (those drawing) -> list of code-vocabulary ids. <imgpad> never
+    and <imgend> only when forced, so only the codes compete; with guidance logits = u + cfg * (c - u)."""
+    a = model.adapter_catch_up(batch.state)[:, -1]  # (G, d): the adapter over every column it has not seen
+    idx = irows + [batch.B + r for r in irows] if batch.guided else irows
+    logits = model.image_logits(a[idx])[:, 2:].float()
+    if batch.guided:
+        k = len(irows)
+        logits = logits[k:] + cfg * (logits[:k] - logits[k:])
+    return sample_token(logits, s, gen).tolist()
+
+
+def _advance(r, row: _Row, t, model, tok, budget, ignore_eos, on_text, on_image):
+    """Append token t to row r and move it along the grammar: a text piece streamed, an image started or finished,
+    the answer done at <|im_end|> or at the end of its budget."""
+    c = model.config
+    row.ids.append(t)
+    if row.mode == TEXT:
+        if t == tok.im_end and not ignore_eos:
+            row.done = True
+        elif t == c.imgbos_id:
+            _end_text(r, row, tok, on_text)
+            row.mode, row.codes = IMAGE, []
+        else:
+            row.text_ids.append(t)
+            if on_text is not None:
+                s = tok.decode(row.text_ids)
+                if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    on_text(r, s[row.shown:])
+                    row.shown = len(s)
+    elif row.mode == IMAGE:
+        row.codes.append(t - c.code_offset)
+        if len(row.codes) == c.image_grid ** 2:
+            row.mode = IMGEND
+    else:  # the forced <imgend>: the image is complete
+        grid = torch.tensor(row.codes).view(c.image_grid, c.image_grid)
+        row.segments.append(grid)
+        if on_image is not None:
+            on_image(r, grid)
+        row.mode = TEXT
+    if len(row.ids) >= budget:
+        row.done = True
+    if row.done:
+        _end_text(r, row, tok, on_text)
+
+
+def _end_text(r, row: _Row, tok, on_text):
+    """Close the current text segment: stream what is left of it, keep it if not empty."""
+    s = tok.decode(row.text_ids)
+    if on_text is not None and len(s) > row.shown:
+        on_text(r, s[row.shown:])
+    if s:
+        row.segments.append(s)
+    row.text_ids, row.shown = [], 0
+
+
 @torch.no_grad()
 def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, text=TEXT_DEFAULT,
              image=IMAGE_DEFAULT, cfg=1.0, seed=0, on_text=None, on_image=None, ignore_eos=False, stats=None):
@@ -135,165 +301,48 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     """
     c, dev = model.config, next(model.parameters()).device
     t0 = time.perf_counter()
-    V, hw, off = c.llm.vocab_size, c.image_grid ** 2, c.code_offset
-    images = images or [[] for _ in conversations]
-    if len(images) != len(conversations):
-        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-    encs = []
-    for msgs, ims in zip(conversations, images):
-        codes = [g for m in msgs if m["role"] == "assistant" for g in m.get("codes", [])]
-        encs.append(encode_conversation(tok, c, msgs, ims, codes, add_generation_prompt=True))
-    rows = [e for e in encs for _ in range(n)]  # answer r answers conversation r // n
-    B, L = len(rows), max(len(e.ids) for e in rows)
     guided = cfg != 1.0
-    G, T = 2 * B if guided else B, L + max_new_tokens
-
-    # The prompts by cache column, left-padded; the unconditional rows B..2B-1 mirror the conditional ones (their
-    # generated columns are written when they catch up: see feed).
-    seq = torch.full((G, T), tok.pad, dtype=torch.long, device=dev)
-    pad = torch.tensor([L - len(e.ids) for e in rows], device=dev)
-    for r, e in enumerate(rows):
-        ids = torch.tensor(e.ids, device=dev)
-        seq[r, L - len(ids):L] = ids
-        if guided:
-            seq[B + r, L - len(ids):L] = make_unconditional(ids, torch.tensor(e.user, device=dev), c)
-    pixels = [e.pixels for e in rows if e.pixels is not None]
-    pixels = torch.cat(pixels).to(dev) if pixels else None
-
-    state = model.new_state(G, T, pad=pad.repeat(2) if guided else pad)
-    cond = _rows(state, slice(0, B)) if guided else state
-    uncond = _rows(state, slice(B, G)) if guided else None
-
-    lag = []  # with guidance: the columns only the conditional rows have read (their ids), not yet written to seq
-    # A step's column of ids (B or G rows): on CPU written into a buffer through its numpy view, made once, so that
-    # no step makes a tensor (torch.tensor and .numpy() each make several kernel calls; a toy step is mostly calls)
-    col_ids = {k: torch.empty(k, 1, dtype=torch.long) for k in {B, G}} if dev.type == "cpu" else None
-    col_np = {k: t.numpy() for k, t in col_ids.items()} if col_ids else None
-
-    def ids_of(tokens):
-        if col_ids is None:
-            return torch.tensor([[t] for t in tokens], device=dev)
-        col_np[len(tokens)][:, 0] = tokens
-        return col_ids[len(tokens)]
-
-    def feed(col, nxt, need_visual):
-        """Run column col (nxt: its B ids) through the LLM -> decoder outputs (B, d) of the conditional rows. When a
-        visual step follows and guidance is on, the unconditional rows first catch up in one call."""
-        if guided and need_visual:
-            if uncond.length < col:
-                if lag:  # the columns [col - len(lag), col): seq is only read here
-                    seq[B:, col - len(lag):col] = torch.tensor(lag, device=dev).T
-                    lag.clear()
-                model.extend(uncond, seq[B:, uncond.length:col])
-            state.length = col
-            h = model.extend(state, ids_of(nxt * 2))[:B, 0]
-            cond.length = uncond.length = state.length
-            return h
-        if guided:
-            lag.append(nxt)
-        return model.extend(cond, ids_of(nxt))[:, 0]
-
-    # Text head mask: <IMG_CONTEXT> only ever stands for input-image features, and ids past the tokenizer's
-    # vocabulary (padded embedding rows) have no text; no_room also masks <imgbos>, for rows whose budget cannot hold
-    # a whole image.
-    text_bias = torch.zeros(V + 1, device=dev)
-    text_bias[c.img_context_id] = float("-inf")
-    text_bias[len(tok):V] = float("-inf")
-    no_room = text_bias.clone()
-    no_room[V] = float("-inf")
+    seq, pad, pixels, L = _prompts(model, tok, conversations, images, n, max_new_tokens, guided)
+    batch = _Batch(model, seq, pad, guided)
+    B = batch.B
+    biases = _text_biases(model, tok)
     gen = torch.Generator(device=dev).manual_seed(seed)
 
-    h = model.extend(cond, seq[:B, :L], pixels)[:, -1]  # prefill: (B, d) at the last prompt column
+    h = model.extend(batch.cond, seq[:B, :L], pixels)[:, -1]  # prefill: (B, d) at the last prompt column
     t_prefill = time.perf_counter()
-    mode, done = [TEXT] * B, [False] * B
-    out = [[] for _ in range(B)]  # generated ids per row
-    segs = [[] for _ in range(B)]
-    text_ids = [[] for _ in range(B)]  # the current text segment's ids, and how many of its characters were streamed
-    shown = [0] * B
-    codes = [[] for _ in range(B)]
-    t_first, n_text, n_img, n_images = None, 0, 0, 0
+    rows = [_Row() for _ in range(B)]
+    t_first, n_text, n_img = None, 0, 0
     t_text = t_img = 0.0  # decode time of text steps / of steps that make image tokens, and their tokens
     k_text = k_img = 0
-
-    def flush(r):
-        s = tok.decode(text_ids[r])
-        if on_text is not None and len(s) > shown[r]:
-            on_text(r, s[shown[r]:])
-        if s:
-            segs[r].append(s)
-        text_ids[r], shown[r] = [], 0
-
     for step in range(max_new_tokens):
         ts = time.perf_counter()
         nxt = [tok.pad] * B
-        trows = [r for r in range(B) if not done[r] and mode[r] == TEXT]
-        irows = [r for r in range(B) if not done[r] and mode[r] == IMAGE]
+        trows = [r for r, row in enumerate(rows) if not row.done and row.mode == TEXT]
+        irows = [r for r, row in enumerate(rows) if not row.done and row.mode == IMAGE]
         if trows:  # text head over [0, V] (V = <imgbos>)
-            # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
-            short = [i for i, r in enumerate(trows) if max_new_tokens - len(out[r]) < hw + 2]
-            bias = no_room if len(short) == len(trows) else text_bias
-            logits = model.text_logits(h if len(trows) == B else h[trows]) + bias  # float32, as bias is
-            if 0 < len(short) < len(trows):
-                logits[short, V] = float("-inf")
-            for r, t in zip(trows, sample_token(logits, text, gen).tolist()):
+            for r, t in zip(trows, _sample_text(model, h, rows, trows, max_new_tokens, biases, text, gen)):
                 nxt[r] = t
-        if irows:  # visual head; <imgpad> never and <imgend> only when forced, so only the codes compete
-            a = model.adapter_catch_up(state)[:, -1]  # (G, d): the adapter over every column it has not seen
-            idx = irows + [B + r for r in irows] if guided else irows
-            logits = model.image_logits(a[idx])[:, 2:].float()
-            if guided:
-                k = len(irows)
-                logits = logits[k:] + cfg * (logits[:k] - logits[k:])  # u + cfg * (c - u)
-            for r, t in zip(irows, sample_token(logits, image, gen).tolist()):
-                nxt[r] = t + off
+        if irows:
+            for r, t in zip(irows, _sample_codes(model, batch, irows, cfg, image, gen)):
+                nxt[r] = t + c.code_offset
         # a step that makes image tokens counts as image time, with every token it makes
-        drew = bool(irows) or any(m == IMGEND and not d for m, d in zip(mode, done))
-        made = B - sum(done)
-        for r in range(B):
-            if done[r]:
+        drew = bool(irows) or any(row.mode == IMGEND and not row.done for row in rows)
+        made = sum(not row.done for row in rows)
+        for r, row in enumerate(rows):
+            if row.done:
                 continue
-            t = nxt[r] = c.imgend_id if mode[r] == IMGEND else nxt[r]
-            out[r].append(t)
-            if mode[r] == TEXT:
-                n_text += 1
-                if t == tok.im_end and not ignore_eos:
-                    done[r] = True
-                elif t == c.imgbos_id:
-                    flush(r)
-                    mode[r], codes[r] = IMAGE, []
-                else:
-                    text_ids[r].append(t)
-                    if on_text is not None:
-                        s = tok.decode(text_ids[r])
-                        if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                            on_text(r, s[shown[r]:])
-                            shown[r] = len(s)
-            elif mode[r] == IMAGE:
-                n_img += 1
-                codes[r].append(t - off)
-                if len(codes[r]) == hw:
-                    mode[r] = IMGEND
-            else:  # the forced <imgend>: the image is complete
-                n_img += 1
-                grid = torch.tensor(codes[r]).view(c.image_grid, c.image_grid)
-                segs[r].append(grid)
-                n_images += 1
-                if on_image is not None:
-                    on_image(r, grid)
-                mode[r] = TEXT
-            if len(out[r]) >= max_new_tokens:
-                done[r] = True
-            if done[r]:
-                flush(r)
+            t = nxt[r] = c.imgend_id if row.mode == IMGEND else nxt[r]
+            n_text, n_img = n_text + (row.mode == TEXT), n_img + (row.mode != TEXT)
+            _advance(r, row, t, model, tok, max_new_tokens, ignore_eos, on_text, on_image)
         if t_first is None:
             t_first = time.perf_counter()
-        if not all(done):
-            h = feed(L + step, nxt, any(not done[r] and mode[r] == IMAGE for r in range(B)))
+        if not all(row.done for row in rows):
+            h = batch.feed(L + step, nxt, any(not row.done and row.mode == IMAGE for row in rows))
         if drew:
             t_img, k_img = t_img + time.perf_counter() - ts, k_img + made
         else:
             t_text, k_text = t_text + time.perf_counter() - ts, k_text + made
-        if all(done):
+        if all(row.done for row in rows):
             break
 
     if stats is not None:
@@ -301,12 +350,13 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
             peak = torch.cuda.max_memory_allocated(dev)
         else:  # the process's peak resident set (Linux reports KiB)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        n_images = sum(not isinstance(s, str) for row in rows for s in row.segments)
         stats.update(prefill_s=t_prefill - t0, ttft_s=(t_first or time.perf_counter()) - t0, text_tokens=n_text,
                      image_tokens=n_img, images=n_images, text_step_s=t_text, text_step_tokens=k_text,
                      image_step_s=t_img, image_step_tokens=k_img, peak_bytes=peak, total_s=time.perf_counter() - t0,
-                     rows=B, guided_rows=G - B)
-    return [Answer(segs[r], out[r], bool(out[r]) and out[r][-1] == tok.im_end and not ignore_eos, r // n)
-            for r in range(B)]
+                     rows=B, guided_rows=seq.shape[0] - B)
+    return [Answer(row.segments, row.ids, bool(row.ids) and row.ids[-1] == tok.im_end and not ignore_eos, r // n)
+            for r, row in enumerate(rows)]
 
 
 def print_stats(s, decode_s=None):
