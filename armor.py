@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------------------------------------------
-# Configs. Presets are the released models (spec internvl25.md section 1); derived fields live in __post_init__.
+# Configs. Presets are the released models (their config.json: vision_config, llm_config); derived fields live in
+# __post_init__.
 
 
 @dataclass
@@ -137,38 +138,54 @@ class ArmorConfig:
         return d
 
 
-def _vit300m():
-    return VisionConfig()
+# The released models' shapes, from each InternVL2.5 checkpoint's config.json (vision_config, llm_config).
+VIT_300M = dict(image_size=448, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+TINY_VIT = dict(image_size=28, patch_size=14, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def _config(vision, llm, **armor):
+    return ArmorConfig(VisionConfig(**vision), LLMConfig(**llm), **armor)
 
 
 PRESETS = {
     # InternVL2.5-1B: InternViT-300M + Qwen2.5-0.5B-Instruct
-    "internvl2_5-1b": lambda: ArmorConfig(_vit300m(), LLMConfig("qwen2", 151674, 896, 24, 14, 2, 4864, 1e6, 1e-6)),
+    "internvl2_5-1b": lambda: _config(VIT_300M, dict(
+        arch="qwen2", vocab_size=151674, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        intermediate_size=4864, rope_theta=1e6, rms_norm_eps=1e-6)),
     # InternVL2.5-2B: InternViT-300M + internlm2_5-1_8b-chat
-    "internvl2_5-2b": lambda: ArmorConfig(_vit300m(), LLMConfig("internlm2", 92553, 2048, 24, 16, 8, 8192, 1e6, 1e-5,
-                                                                 rope_dynamic_factor=2.0)),
+    "internvl2_5-2b": lambda: _config(VIT_300M, dict(
+        arch="internlm2", vocab_size=92553, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8,
+        intermediate_size=8192, rope_theta=1e6, rms_norm_eps=1e-5, rope_dynamic_factor=2.0)),
     # InternVL2.5-4B: InternViT-300M + Qwen2.5-3B-Instruct
-    "internvl2_5-4b": lambda: ArmorConfig(_vit300m(), LLMConfig("qwen2", 151674, 2048, 36, 16, 2, 11008, 1e6, 1e-6)),
+    "internvl2_5-4b": lambda: _config(VIT_300M, dict(
+        arch="qwen2", vocab_size=151674, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+        intermediate_size=11008, rope_theta=1e6, rms_norm_eps=1e-6)),
     # InternVL2.5-8B: InternViT-300M + internlm2_5-7b-chat
-    "internvl2_5-8b": lambda: ArmorConfig(_vit300m(), LLMConfig("internlm2", 92553, 4096, 32, 32, 8, 14336, 1e6, 1e-5,
-                                                                 rope_dynamic_factor=2.0)),
+    "internvl2_5-8b": lambda: _config(VIT_300M, dict(
+        arch="internlm2", vocab_size=92553, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, rope_theta=1e6, rms_norm_eps=1e-5, rope_dynamic_factor=2.0)),
     # the toy world (toy.py): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
     # LLM (vocab_size is replaced by the toy tokenizer's), drawing 8x8 codes of the toy VQGAN (512 codes)
-    "toy": lambda: ArmorConfig(VisionConfig(64, 8, 128, 4, 4, 512), LLMConfig("qwen2", 1024, 256, 4, 4, 2, 768),
-                               max_tiles=1, system_message="You can see and draw pictures.", num_image_codes=512,
-                               image_grid=8, image_px=64, num_adapter_layers=3),
+    "toy": lambda: _config(
+        dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        dict(arch="qwen2", vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+             intermediate_size=768),
+        max_tiles=1, system_message="You can see and draw pictures.", num_image_codes=512, image_grid=8, image_px=64,
+        num_adapter_layers=3),
     # tiny shapes for tests: every code path, milliseconds per forward
-    "tiny": lambda: ArmorConfig(VisionConfig(28, 14, 32, 2, 2, 64), LLMConfig("qwen2", 300, 64, 2, 4, 2, 128),
-                                num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=2, max_tiles=4),
-    "tiny-internlm2": lambda: ArmorConfig(VisionConfig(28, 14, 32, 2, 2, 64),
-                                          LLMConfig("internlm2", 300, 64, 2, 4, 2, 128, rms_norm_eps=1e-5,
-                                                    rope_dynamic_factor=2.0),
-                                          num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=2),
+    "tiny": lambda: _config(
+        TINY_VIT, dict(arch="qwen2", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128),
+        num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=2, max_tiles=4),
+    "tiny-internlm2": lambda: _config(
+        TINY_VIT, dict(arch="internlm2", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       intermediate_size=128, rms_norm_eps=1e-5, rope_dynamic_factor=2.0),
+        num_image_codes=64, image_grid=4, image_px=64, num_adapter_layers=2),
 }
 
 # -----------------------------------------------------------------------------------------------------------------
 # InternViT-300M (upstream: InternVL internvl_chat/internvl/model/internvl_chat/modeling_intern_vit.py).
-# Pre-LN blocks with LayerScale, fused qkv with bias, no final norm (spec section 4).
+# Pre-LN blocks with LayerScale, fused qkv with bias, no final norm: InternVisionEncoderLayer there.
 
 
 class VisionEmbeddings(nn.Module):
@@ -194,7 +211,7 @@ class VisionEmbeddings(nn.Module):
         return x + pos
 
 
-class VisionAttention(nn.Module):
+class VisionAttention(nn.Module):  # InternAttention: one fused qkv with bias, no qk norm in the 300M
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.nh = cfg.num_heads
@@ -218,7 +235,7 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
-class VisionLayer(nn.Module):
+class VisionLayer(nn.Module):  # InternVisionEncoderLayer
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -480,7 +497,7 @@ class KVCache:
         return self.k[layer, :, :, :start + T], self.v[layer, :, :, :start + T]
 
 
-class Attention(nn.Module):
+class Attention(nn.Module):  # Qwen2Attention (modeling_qwen2.py) / InternLM2Attention (modeling_internlm2.py)
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -497,10 +514,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         cos, sin = rope
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        # Under autocast the projections come out bf16 but RoPE's fp32 tables promote q and k back to fp32, which
-        # sent every training step's attention to SDPA's fp32 kernels. The rotation stays fp32; its result goes back
-        # to the projections' dtype (a no-op without autocast). The toy's stage-2 step in train.py went from 357 / 332
-        # to 242 / 233 ms (median step of two interleaved 60-step runs each, 2 cores).
+        # Under autocast the projections come out bf16 but RoPE's fp32 tables promote q and k to fp32, which would
+        # send attention to SDPA's slower fp32 kernels. The rotation stays fp32; its result goes back to the
+        # projections' dtype (a no-op without autocast).
         q, k = q.to(v.dtype), k.to(v.dtype)
         if ctx.cache is not None:  # append to the cache, attend over everything cached so far
             k, v = ctx.cache.update(ctx.layer, ctx.start, k, v)
@@ -511,7 +527,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
-class MLP(nn.Module):
+class MLP(nn.Module):  # Qwen2MLP / InternLM2MLP
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)  # InternLM2: w1
@@ -707,14 +723,19 @@ class InternVL(nn.Module):
         pos = torch.arange(start, start + T, device=device).expand(B, T)
         return pos if pad is None else (pos - pad[:, None]).clamp(min=0)
 
-    def decode(self, x, start=0, pad=None, cache=None):
-        """Run the LLM's decoder layers on embeddings x (B, T, d); returns the last layer's output (pre-norm)."""
+    def run_stack(self, blocks, x, start=0, pad=None, cache=None):
+        """Run a stack of blocks (the LLM's decoder layers, or ARMOR's adapter) on x (B, T, d) at cache columns
+        [start, start + T), rows left-padded by pad (B,) -> the last block's output (B, T, d)."""
         B, T, _ = x.shape
         pos = self.positions(B, start, T, pad, x.device)
         rope = self.rotary(pos, start + T, x.dtype)
         ctx = make_ctx(B, T, start, pad, cache, x.device)
         ctx.fast = self._fast(x, T, cache)
-        return run_blocks(self.language_model.model.layers, x, rope, ctx, self.grad_ckpt)
+        return run_blocks(blocks, x, rope, ctx, self.grad_ckpt)
+
+    def decode(self, x, start=0, pad=None, cache=None):
+        """Run the LLM's decoder layers on embeddings x (B, T, d); returns the last layer's output (pre-norm)."""
+        return self.run_stack(self.language_model.model.layers, x, start, pad, cache)
 
     def _fast(self, x, T, cache):
         """The fast-path weights for a decode step (one token per row, cached, no grad, CPU), else None."""
@@ -820,13 +841,9 @@ class Armor(InternVL):
         return self._head(self.language_model.model.norm, (self.language_model.lm_head, self.armor.imgbos_head), h)
 
     def adapt(self, h, start=0, pad=None, cache=None):
-        """The adapter on decoder outputs h (B, T, d) -> (B, T, d), the visual head's input (before its norm)."""
-        B, T, _ = h.shape
-        pos = self.positions(B, start, T, pad, h.device)
-        rope = self.rotary(pos, start + T, h.dtype)
-        ctx = make_ctx(B, T, start, pad, cache, h.device)
-        ctx.fast = self._fast(h, T, cache)
-        return run_blocks(self.armor.adapter, h, rope, ctx, self.grad_ckpt)
+        """The adapter on decoder outputs h (B, T, d) -> (B, T, d), the visual head's input (before its norm). It
+        reads the decoder's output at the same positions (same RoPE), with a causal KV cache of its own (Figure 3)."""
+        return self.run_stack(self.armor.adapter, h, start, pad, cache)
 
     def fast_groups(self):
         return super().fast_groups()[:-1] + fast_groups(self.armor.adapter)
@@ -979,7 +996,8 @@ def init_armor(model: Armor, seed=None):
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Loading the released InternVL2.5 checkpoints (spec sections 1-3) and saving our own.
+# Loading the released InternVL2.5 checkpoints (config.json + model*.safetensors, the keys of
+# modeling_internvl_chat.py, modeling_intern_vit.py and the LLM's own modeling file) and saving our own.
 
 # InternLM2 key -> our (Qwen2-named) key. The packed wqkv is handled by split_wqkv / pack_wqkv.
 INTERNLM2_KEYS = {
@@ -995,7 +1013,8 @@ INTERNLM2_KEYS = {
 
 
 def split_wqkv(w, cfg: LLMConfig):
-    """InternLM2's wqkv rows are grouped per kv head as [g query heads, 1 key, 1 value] x head_dim (spec section 3)."""
+    """InternLM2's wqkv rows are grouped per kv head as [g query heads, 1 key, 1 value] x head_dim (the rearrange in
+    modeling_internlm2.py's InternLM2Attention.forward)."""
     g, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     w = w.reshape(cfg.num_kv_heads, g + 2, hd, w.shape[-1])
     q = w[:, :g].reshape(cfg.num_heads * hd, -1)
@@ -1187,10 +1206,10 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-# what a released InternVL2.5 directory's config.json says it is (spec internvl25.md section 1a); the remote code's
+# what a released InternVL2.5 directory's config.json says it is (its model_type); the remote code's
 # InternVLChatConfig (configuration_internvl_chat.py) sets it, a bare Qwen2 / InternLM2 LLM directory says otherwise
 INTERNVL_MODEL_TYPE = "internvl_chat"
-# the files of each kind of tokenizer that tokenizer.Tokenizer.from_dir reads (spec section 7), for the messages
+# the files of each kind of tokenizer that tokenizer.Tokenizer.from_dir reads, for the messages
 TOKENIZER_FILES = {"tokenizer.json": "tokenizer.json", "qwen2": "vocab.json + merges.txt",
                    "internlm2": "tokenizer.model"}
 
