@@ -36,7 +36,6 @@ import io
 import json
 import math
 import os
-import signal
 import sys
 import tarfile
 import time
@@ -59,7 +58,7 @@ from tqdm import tqdm
 @dataclass
 class VQGANConfig:
     # field names follow vqgan.yaml (model.params.{embed_dim,n_embed} and model.params.ddconfig.*);
-    # defaults are the released Chameleon tokenizer (spec section 1)
+    # defaults are the released Chameleon tokenizer (its tokenizer/vqgan.yaml)
     embed_dim: int = 256  # codebook vector size
     n_embed: int = 8192  # number of codes
     z_channels: int = 256  # encoder output / decoder input channels
@@ -121,7 +120,9 @@ class VQGANConfig:
 def _read_yaml(text, path="yaml"):
     """Tiny reader for block-style YAML (nested mappings, `- item` lists, [a, b] lists, scalars).
 
-    Enough for taming configs; PyYAML is not a runtime dependency."""
+    Why not PyYAML: it is not a runtime dependency (requirements.txt), and this reads taming configs such as the
+    released vqgan.yaml in full (with line numbers in its errors), so from_yaml can refuse the options it does not
+    implement instead of guessing a config from the checkpoint's shapes."""
     lines = []  # (line number, indent, content)
     for n, raw in enumerate(text.splitlines(), 1):
         s = raw.split(" #")[0].rstrip()
@@ -183,7 +184,7 @@ def _yaml_scalar(s):
 
 # ----------------------------------------------------------------------------------------------------------
 # Network. Mirrors chameleon/inference/vqgan.py (a trimmed copy of taming-transformers' VQModel), with the
-# numerics that make it bit-equal to the reference on CPU fp32 (spec section 3).
+# numerics that make it bit-equal to the reference on CPU fp32.
 
 
 def swish(x):
@@ -503,7 +504,7 @@ def save_vqgan(model: VQGAN, out_dir):
 
 def to_yaml(cfg: VQGANConfig) -> str:
     """vqgan.yaml for a config, in the layout of Chameleon's tokenizer/vqgan.yaml (taming's VQModel config; the
-    values of spec section 1). The lossconfig block is taming's usual one: the released text is not public, and
+    released values are VQGANConfig's defaults). The lossconfig block is taming's usual one: the released text is not public, and
     every loader (ours, chameleon/inference/image_tokenizer.py) ignores it."""
     if cfg.num_groups != 32 or cfg.cell_local:
         raise ValueError("vqgan.yaml cannot carry num_groups != 32 or cell_local (taming hard-codes GroupNorm(32) "
@@ -523,7 +524,7 @@ def to_yaml(cfg: VQGANConfig) -> str:
 
 
 def save_released(model: VQGAN, out_dir):
-    """Write vqgan.ckpt + vqgan.yaml as Meta ships its tokenizer (spec section 2): a torch pickle of
+    """Write vqgan.ckpt + vqgan.yaml as Meta ships its tokenizer (tokenizer/vqgan.ckpt): a torch pickle of
     {"state_dict": OrderedDict of fp32 tensors} under taming's key names, which load_vqgan(out_dir) and
     chameleon/inference/vqgan.py both read."""
     out = Path(out_dir)
@@ -556,7 +557,7 @@ def random_vqgan(cfg: VQGANConfig, seed=0) -> VQGAN:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pre- and post-processing, exactly as chameleon/inference/image_tokenizer.py (spec section 4)
+# Pre- and post-processing, exactly as chameleon/inference/image_tokenizer.py
 
 
 def _whiten_transparency(img):
@@ -674,25 +675,19 @@ def _read_index(path):  # -> entries of the complete lines; a torn last line (ki
     return [json.loads(line) for line in keep.decode().splitlines()]
 
 
-def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path=""):
-    """Encode every image of `sources` once into out_dir/{codes.u16, index.jsonl, meta.json}; resumable.
-
-    index.jsonl has one line per image in stream order: {"key", "offset", "h", "w"} (offset counts uint16
-    codes into codes.u16), or {"key", "skip": reason} for an unreadable image. A batch's codes are written and
-    flushed before its index lines, so a kill loses at most that batch; a rerun cuts codes.u16 back to what the
-    index covers and continues with the next image."""
-    cfg = model.config
-    assert cfg.n_embed <= 65536, "codes are stored as uint16"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    h, w = model.grid(size)
-    sha = hashlib.sha1()  # fingerprint of the weights, so a rerun cannot mix codes of two tokenizers
+def _cache_meta(model: VQGAN, size, vqgan_path):
+    """meta.json's fields that pin a cache to one tokenizer: its weights (a SHA-1 over every tensor, so a rerun cannot
+    mix codes of two tokenizers), dtype, config, and the image size. The VQGAN's path is stored absolute: train.py
+    records it in the checkpoints it writes, so sampling finds the decoder."""
+    sha = hashlib.sha1()
     for k, v in model.state_dict().items():
         sha.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    # the VQGAN as an absolute path: train.py records it in the checkpoints it writes, so sampling finds the decoder
-    vq = os.path.abspath(vqgan_path) if vqgan_path else ""
-    meta = {"vqgan": vq, "weights_sha1": sha.hexdigest(), "dtype": str(model.quant_conv.weight.dtype),
-            "config": asdict(cfg), "size": size, "grid": [h, w]}
+    return {"vqgan": os.path.abspath(vqgan_path) if vqgan_path else "", "weights_sha1": sha.hexdigest(),
+            "dtype": str(model.quant_conv.weight.dtype), "config": asdict(model.config), "size": size,
+            "grid": list(model.grid(size))}
+
+
+def _check_same_cache(out, meta):
     if (out / "meta.json").exists():
         old = json.loads((out / "meta.json").read_text())
         differ = [k for k in meta if k != "vqgan" and old.get(k) != json.loads(json.dumps(meta[k]))]
@@ -700,24 +695,31 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
             raise ValueError(f"{out}: holds a cache made with another {', '.join(differ)} "
                              f"(vqgan {old.get('vqgan')}, size {old.get('size')}); use another --out")
 
+
+def _resume_cache(out):
+    """The index entries of an earlier (maybe killed) run, and the number of codes they cover; codes.u16 is cut back to
+    those (a batch whose index lines never got written is dropped)."""
     entries = _read_index(out / "index.jsonl")
-    done = {e["key"] for e in entries}
-    end = sum(e["h"] * e["w"] for e in entries if "skip" not in e)  # codes covered by the index
+    end = sum(e["h"] * e["w"] for e in entries if "skip" not in e)
     codes_path = out / "codes.u16"
     have = codes_path.stat().st_size // 2 if codes_path.exists() else 0
     if have < end:
         raise ValueError(f"{codes_path}: {have} codes but index.jsonl refers to {end}; the cache is damaged")
     with open(codes_path, "ab") as f:
-        f.truncate(2 * end)  # drop codes of a batch whose index lines never got written
+        f.truncate(2 * end)
+    return entries, end
 
-    def write_meta(complete):
-        ok = [e for e in entries if "skip" not in e]
-        bad = [e for e in entries if "skip" in e]
-        m = dict(meta, complete=complete, n_images=len(ok), n_skipped=len(bad),
-                 first_skipped=[f"{e['key']}: {e['skip']}" for e in bad[:10]])
-        _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(m, indent=2) + "\n"))
 
-    write_meta(False)
+def _write_cache_meta(out, meta, entries, complete):
+    ok = [e for e in entries if "skip" not in e]
+    bad = [e for e in entries if "skip" in e]
+    m = dict(meta, complete=complete, n_images=len(ok), n_skipped=len(bad),
+             first_skipped=[f"{e['key']}: {e['skip']}" for e in bad[:10]])
+    _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(m, indent=2) + "\n"))
+
+
+def _images_to_do(sources, done):
+    """-> (the (key, opener) pairs not in done, in stream order; how many distinct keys; how many duplicates)."""
     items, seen, dup = [], set(), 0
     for src in sources:
         for key, opener in iter_images(src):
@@ -727,15 +729,37 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
             seen.add(key)
             if key not in done:
                 items.append((key, opener))
-    # test hook (tests/test_vqgan.py): SIGKILL ourselves after this many batches, between codes and index writes
-    kill_after = int(os.environ.get("VQGAN_CACHE_KILL_AFTER", "0"))
-    n_batches = 0
-    pending, skipped = [], []
-    bar = tqdm(total=len(seen), initial=len(seen) - len(items), unit="img", desc="vq cache")
-    with open(codes_path, "ab") as fcodes, open(out / "index.jsonl", "a") as findex:
+    return items, len(seen), dup
+
+
+def _append_index(findex, lines):
+    """Append index lines, after their batch's codes are on disk (a kill between the two loses only that batch)."""
+    findex.write("".join(json.dumps(e) + "\n" for e in lines))
+    findex.flush()
+
+
+def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path=""):
+    """Encode every image of `sources` once into out_dir/{codes.u16, index.jsonl, meta.json}; resumable.
+
+    index.jsonl has one line per image in stream order: {"key", "offset", "h", "w"} (offset counts uint16
+    codes into codes.u16), or {"key", "skip": reason} for an unreadable image. A batch's codes are written and
+    flushed before its index lines, so a kill loses at most that batch; a rerun cuts codes.u16 back to what the
+    index covers and continues with the next image."""
+    assert model.config.n_embed <= 65536, "codes are stored as uint16"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    h, w = model.grid(size)
+    meta = _cache_meta(model, size, vqgan_path)
+    _check_same_cache(out, meta)
+    entries, end = _resume_cache(out)
+    _write_cache_meta(out, meta, entries, complete=False)
+    items, n_keys, dup = _images_to_do(sources, {e["key"] for e in entries})
+    pending, skipped = [], []  # this batch: (key, pixels) to encode, (key, reason) unreadable
+    bar = tqdm(total=n_keys, initial=n_keys - len(items), unit="img", desc="vq cache")
+    with open(out / "codes.u16", "ab") as fcodes, open(out / "index.jsonl", "a") as findex:
 
         def flush():
-            nonlocal end, n_batches
+            nonlocal end
             lines = []
             if pending:
                 codes = model.encode(torch.stack([x for _, x in pending])).cpu().numpy().astype(np.uint16)
@@ -745,11 +769,7 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
                     lines.append({"key": key, "offset": end, "h": h, "w": w})
                     end += h * w
             lines += [{"key": k, "skip": why} for k, why in skipped]
-            n_batches += 1
-            if n_batches == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            findex.write("".join(json.dumps(e) + "\n" for e in lines))
-            findex.flush()
+            _append_index(findex, lines)
             entries.extend(lines)
             bar.update(len(lines))
             pending.clear()
@@ -765,7 +785,7 @@ def build_cache(model: VQGAN, sources, out_dir, size=256, batch=16, vqgan_path="
         if pending or skipped:
             flush()
     bar.close()
-    write_meta(True)
+    _write_cache_meta(out, meta, entries, complete=True)
     n_bad = sum("skip" in e for e in entries)
     print(f"vq cache: {len(entries) - n_bad} images, {n_bad} skipped, {dup} duplicate keys ignored -> {out}")
 

@@ -486,6 +486,23 @@ def test_iter_images_keys(tmp_path):
         list(iter_images(str(tmp_path / "nothing-*.tar")))
 
 
+# `python vqgan.py cache ...` that SIGKILLs itself at its third index write: that batch's codes are on disk, its index
+# lines are not
+KILL_AT_THIRD_INDEX_WRITE = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import vqgan
+append, calls = vqgan._append_index, []
+def append_index(findex, lines):
+    calls.append(len(lines))
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(findex, lines)
+vqgan._append_index = append_index
+vqgan.main(sys.argv[1:])
+"""
+
+
 def _cache_cmd(vq, srcs, out):
     cmd = [sys.executable, str(REPO / "vqgan.py"), "cache", "--vqgan", str(vq), "--out", str(out), "--size", "32",
            "--batch", "2"]
@@ -506,8 +523,8 @@ def test_cache_kill_and_resume(tmp_path):
 
     # killed (SIGKILL) after the codes of its 3rd batch hit the disk but before that batch's index lines
     two = tmp_path / "two"
-    killed = subprocess.run(_cache_cmd(tmp_path / "vq", srcs, two), env=dict(env, VQGAN_CACHE_KILL_AFTER="3"),
-                            capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_INDEX_WRITE, *_cache_cmd(tmp_path / "vq", srcs, two)[2:]],
+                            env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     lines = (two / "index.jsonl").read_text().splitlines()
     covered = sum(16 for e in map(json.loads, lines) if "skip" not in e)  # 4x4 codes per image
