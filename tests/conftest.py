@@ -57,6 +57,52 @@ def write_internlm2_tokenizer(path, texts, vocab_size=1500, **sp_options):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Shared helpers of the model tests
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: waking a second OpenMP thread costs more than the math on a loaded 2-core box (20 ms vs 12 us per
+    64x64 matmul), and one thread gives the same bits in every process. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; the setting is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomize(model, seed=0):
+    """Every tensor random and O(1)-scaled, so that no path (LayerScale, biases, norms, positions) is a no-op and a
+    mix-up of two tensors shows. -> model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith(("ls1", "ls2")):
+                p.copy_(0.5 + 0.3 * r)
+            elif p.dim() == 1 and ("norm" in name or name.startswith("mlp1.0.")) and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * r)  # RMSNorm / LayerNorm gains
+            elif p.dim() == 1:
+                p.copy_(0.1 * r)  # biases
+            elif "embed" in name or "class_embedding" in name or "position_embedding" in name:
+                p.copy_(0.5 * r)
+            else:
+                p.copy_(r * 1.5 / p[0].numel() ** 0.5)
+    return model
+
+
+
+def tiny_armor(seed=0, preset="tiny"):
+    """An Armor of a tiny preset with randomize'd weights, in eval mode."""
+    import armor
+
+    return randomize(armor.Armor(armor.PRESETS[preset]()).eval(), seed)
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Markers
 
 def pytest_collection_modifyitems(config, items):

@@ -21,36 +21,9 @@ import torch
 
 import armor
 from armor import Armor, InternVL
+from conftest import randomize, tiny_armor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second OpenMP thread costs more than it saves on a loaded 2-core box; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Every tensor random and O(1)-scaled (norm gains, biases, LayerScale included)."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.dim() == 1 and ("norm" in name or name.startswith("mlp1.0.")) and name.endswith("weight"):
-            p.copy_(1.0 + 0.2 * r)
-        elif p.dim() == 1:
-            p.copy_(0.1 * r)
-        elif "embed" in name or "position_embedding" in name:
-            p.copy_(0.5 * r)
-        else:
-            p.copy_(r * 1.5 / p[0].numel() ** 0.5)
-    return model
-
-
-def tiny(seed=0, preset="tiny"):
-    return randomize(Armor(armor.PRESETS[preset]()).eval(), seed)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tokens:
@@ -184,7 +157,7 @@ def test_armor_8b_adds_about_0p7b():
 
 
 def test_cached_text_mode_equals_full_forward():
-    m = tiny()
+    m = tiny_armor()
     tk = Tokens(m.config)
     ids = torch.tensor([tk.text(6) + tk.image_in(2) + tk.text(9)])
     pixels = tk.pixels(2)
@@ -196,7 +169,7 @@ def test_cached_text_mode_equals_full_forward():
 
 
 def test_cached_visual_mode_equals_full_forward():
-    m = tiny(seed=1)
+    m = tiny_armor(seed=1)
     tk = Tokens(m.config)
     g2 = m.config.image_grid ** 2
     ids = torch.tensor([tk.text(5) + [tk.imgbos] + tk.codes(g2) + [tk.imgend]])
@@ -209,7 +182,7 @@ def test_cached_visual_mode_equals_full_forward():
 
 
 def test_cached_switch_with_lazy_adapter_catch_up():
-    m = tiny(seed=2)
+    m = tiny_armor(seed=2)
     tk = Tokens(m.config)
     g2 = m.config.image_grid ** 2
     seq = tk.text(5) + [tk.imgbos] + tk.codes(g2) + [tk.imgend] + tk.text(4) + [tk.imgbos] + tk.codes(3)
@@ -228,7 +201,7 @@ def test_cached_switch_with_lazy_adapter_catch_up():
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-internlm2"])
 def test_left_padded_batch_equals_rows_alone(preset):
-    m = tiny(seed=3, preset=preset)
+    m = tiny_armor(seed=3, preset=preset)
     tk = Tokens(m.config)
     cont = tk.text(2) + [tk.imgbos] + tk.codes(4) + [tk.imgend] + tk.text(2)
     p0 = tk.text(3) + tk.image_in(2) + tk.text(2)  # 9 tokens with 2 image tiles
@@ -296,7 +269,7 @@ STAGE_LOSS = {1: (1.0, 0.0), 2: (0.0, 1.0), 3: (1.0, 1.0)}  # (alpha, beta), Fig
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_stage_trains_exactly_its_groups(stage):
-    m = tiny(seed=4).train()
+    m = tiny_armor(seed=4).train()
     alpha, beta = STAGE_LOSS[stage]
     n = armor.set_trainable(m, stage)
     groups = armor.param_groups(m)
@@ -330,7 +303,7 @@ def test_stage_trains_exactly_its_groups(stage):
 
 
 def test_set_trainable_groups_are_disjoint_and_frozen_base():
-    m = tiny()
+    m = tiny_armor()
     groups = armor.param_groups(m)
     seen = [id(p) for ps in groups.values() for p in ps]
     assert len(seen) == len(set(seen))
@@ -348,7 +321,7 @@ def test_set_trainable_groups_are_disjoint_and_frozen_base():
 
 
 def test_loss_equals_hand_computed_cross_entropies():
-    m = tiny(seed=5)
+    m = tiny_armor(seed=5)
     cfg = m.config
     V, K = cfg.llm.vocab_size, cfg.num_image_codes
     c0 = cfg.code_offset
@@ -403,7 +376,7 @@ def test_loss_equals_hand_computed_cross_entropies():
 
 
 def test_loss_backward_works_with_only_one_kind_of_target():
-    m = tiny(seed=6)
+    m = tiny_armor(seed=6)
     armor.set_trainable(m, 3)
     V = m.config.llm.vocab_size
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -422,7 +395,7 @@ def test_loss_backward_works_with_only_one_kind_of_target():
 
 
 def test_bfloat16_forward_close_to_fp32():
-    m = tiny(seed=7)
+    m = tiny_armor(seed=7)
     tk = Tokens(m.config)
     ids = torch.tensor([tk.text(4) + tk.image_in(3) + tk.text(3) + [tk.imgbos] + tk.codes(5)])
     pixels = tk.pixels(3)
@@ -474,7 +447,7 @@ def test_autocast_training_attention_runs_in_bf16(monkeypatch):
     """Under CPU bf16 autocast (toy.py's training) every attention call, the LLM's and the adapter's included, gets
     bf16 queries and keys. RoPE's fp32 tables used to promote them back to fp32, which sent the toy training's
     attention to SDPA's slower fp32 kernels; the loss must stay close to the fp32 one."""
-    m = tiny(seed=5).train()
+    m = tiny_armor(seed=5).train()
     ids, targets = training_batch(m.config)
     seen = []
     real = armor.attention

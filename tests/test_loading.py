@@ -23,24 +23,9 @@ from safetensors.torch import load_file, save_file
 
 import armor
 from armor import CheckpointError
+from conftest import randomize, tiny_armor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: a second OpenMP thread costs more than it saves on a loaded 2-core box; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Every tensor random (norm gains, biases, LayerScale included), so an identity or a mix-up shows."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.1 + 0.05)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def released_keys(cfg):
@@ -325,11 +310,6 @@ def test_strict_load_copies_nothing_on_error():
 
 
 # --- ARMOR checkpoints ---------------------------------------------------------------------------------------------
-
-
-def tiny_armor(seed=0):
-    cfg = armor.PRESETS["tiny"]()
-    return randomize(armor.Armor(cfg), seed)
 
 
 def assert_same(a, b):

@@ -32,38 +32,11 @@ from armor import ArmorConfig, LLMConfig, VisionConfig
 # the oracle (requirements-test.txt): imported plainly, so a missing install fails instead of skipping the parity
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig,
                           LlamaForCausalLM, Qwen2Config)
+from conftest import randomize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-4  # issue 2's bound on max |delta logits| in fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: waking a second OpenMP thread costs more than the math (20 ms vs 12 us per 64x64 matmul on a
-    # loaded 2-core box), so these modules run single-threaded and restore the setting afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@torch.no_grad()
-def randomize(model, seed=0):
-    """Every tensor random and O(1)-scaled, so that no path (LayerScale, biases, norms, positions) is a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if name.endswith(("ls1", "ls2")):
-            p.copy_(0.5 + 0.3 * r)
-        elif p.dim() == 1 and ("norm" in name or name.startswith("mlp1.0.")) and name.endswith("weight"):
-            p.copy_(1.0 + 0.2 * r)  # RMSNorm / LayerNorm gains
-        elif p.dim() == 1:
-            p.copy_(0.1 * r)  # biases
-        elif "embed" in name or "class_embedding" in name or "position_embedding" in name:
-            p.copy_(0.5 * r)
-        else:
-            fan_in = p[0].numel()
-            p.copy_(r * 1.5 / fan_in ** 0.5)
-    return model
 
 
 def vision_hf_map(sd, prefix_ours, prefix_hf):

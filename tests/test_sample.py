@@ -39,17 +39,11 @@ from sample import Sampling, generate
 from tokenizer import Tokenizer
 from vqgan import VQGAN, VQGANConfig, save_vqgan
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = Sampling(0.0)
 SENTENCES = ["draw a red circle", "here is a blue square", "what colour is the sky? it is blue", "Sure, here it is.",
              "done. the picture shows a sunset over the sea", "You are ARMOR."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()  # tiny tensors: a second thread costs more than it saves; restored afterwards
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

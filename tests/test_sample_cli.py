@@ -34,18 +34,12 @@ import sample
 from sample import Sampling
 from tokenizer import INTERNVL_TOKENS, Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "toy"
 TEXTS = ["draw a red circle", "here is a blue square", "what colour is the sky? it is blue", "Sure, here it is.",
          "done. the picture shows a sunset over the sea", "You are ARMOR."] * 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- one loader for every checkpoint layout ---------------------------------------------------------------------

@@ -40,6 +40,8 @@ import train
 from test_data import bad_world, make_world
 from test_train_reference import figure5_names
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # one thread: same bits in every process
 HOOKED = str(REPO / "tests" / "hooked_train.py")  # train.py with a park or a kill at a given step
@@ -50,14 +52,6 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainworld")
     make_world(root)
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def data_args(root, kinds=("t2t", "ti2t", "t2i", "t2ti")):

@@ -30,6 +30,8 @@ from test_data import make_world
 from tokenizer import Tokenizer
 from vqgan import CodeCache
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Figure 5 and Section 3.4 of the paper: (alpha, beta, trainable groups) of each WoHG stage
 FIGURE5 = {1: (1.0, 0.0, ("embed_new", "text_head")),  # "what to generate"
            2: (0.0, 1.0, ("embed_new", "adapter", "visual_head")),  # "how to generate"
@@ -56,14 +58,6 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("refworld")
     make_world(root)
     return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 KINDS = ("t2t", "ti2t", "t2i", "t2ti")
