@@ -20,7 +20,7 @@ from PIL import Image
 from tokenizer import SYSTEM_MESSAGE, expand_images
 
 # ===================================================================================================================
-# InternVL image preprocessing (spec internvl25.md §6a; GH internvl_chat/internvl/train/dataset.py
+# InternVL image preprocessing (InternVL's internvl_chat/internvl/train/dataset.py
 # `dynamic_preprocess` / `build_transform`, streamlit_demo/model_worker.py `load_image`)
 # ===================================================================================================================
 
@@ -174,7 +174,7 @@ def make_unconditional(ids: torch.Tensor, user: torch.Tensor, cfg) -> torch.Tens
 
 
 # ===================================================================================================================
-# Training data for train.py (issue 4): records, sources, the per-stage mixture, length limit, bad-data accounting
+# Training data for train.py: records, sources, the per-stage mixture, length limit, bad-data accounting
 # ===================================================================================================================
 #
 # Record format (one JSON object per line; what world.py writes, InternVL/LLaVA style):

@@ -360,7 +360,7 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
 
 
 def print_stats(s, decode_s=None):
-    """One line of honest speed numbers (STYLE 10). Step rates: every token made in the steps of that kind, so a
+    """One line of honest speed numbers. Step rates: every token made in the steps of that kind, so a
     batch that draws while another row writes counts those text tokens in the image steps."""
     rate = lambda k, t: f"{k / t:,.1f} tok/s" if t > 0 else "-"
     parts = [f"time to first token {s['ttft_s']:.2f} s (prefill {s['prefill_s']:.2f} s)",

@@ -2,8 +2,8 @@
 
 Three kinds of tokenizer directory load through `Tokenizer.from_dir`, tried in this order:
   tokenizer.json                      -> loaded as is (what `Tokenizer.save` writes, or a converted Hub copy)
-  vocab.json + merges.txt             -> Qwen2 byte-level BPE (InternVL2.5-1B / 4B), spec internvl25.md §7
-  tokenizer.model                     -> InternLM2 SentencePiece BPE with byte fallback (InternVL2.5-2B / 8B), §7,
+  vocab.json + merges.txt             -> Qwen2 byte-level BPE (InternVL2.5-1B / 4B)
+  tokenizer.model                     -> InternLM2 SentencePiece BPE with byte fallback (InternVL2.5-2B / 8B),
                                          read with a small protobuf reader and rebuilt as a `tokenizers` BPE
 Added tokens come from added_tokens.json and tokenizer_config.json's added_tokens_decoder (InternLM2 keeps its chat
 markers there). The toy world trains its own Qwen2-style tokenizer with `Tokenizer.train_bpe`.
@@ -44,7 +44,7 @@ class Tokenizer:
         # BOS lives in the post-processor (InternLM2 adds `<s>`, Qwen2 nothing), so encoding "" shows it
         empty = tk.encode("").ids
         self.bos = empty[0] if empty else None
-        # chat() stops generation at <|im_end|>, for both families (spec §6c)
+        # chat() stops generation at <|im_end|>, for both families (InternVL's chat(): eos_token_id)
         self.eos = self.im_end
         # Qwen2 pads with <|endoftext|>, InternLM2 with </s> (id 2)
         self.pad = tk.token_to_id("<|endoftext|>") if tk.token_to_id("<|endoftext|>") is not None \
@@ -121,7 +121,7 @@ class Tokenizer:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-# Qwen2 byte-level BPE (spec §7; transformers models/qwen2/tokenization_qwen2.py)
+# Qwen2 byte-level BPE (transformers models/qwen2/tokenization_qwen2.py)
 
 def _qwen2_pipeline(model: BPE) -> HFTokenizer:
     tk = HFTokenizer(model)
@@ -331,7 +331,7 @@ def _sentencepiece_bpe_from_file(path: Path) -> HFTokenizer:
 
 
 # -------------------------------------------------------------------------------------------------------------------
-# InternVL2.5 chat template (`internvl2_5`, GH conversation.py + chat(); spec §6c)
+# InternVL2.5 chat template (`internvl2_5` in InternVL's conversation.py, and chat())
 
 SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 

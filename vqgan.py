@@ -81,7 +81,8 @@ class VQGANConfig:
         # the released model only has attention in the two mid blocks (no up./down.*.attn keys)
         assert not self.attn_resolutions, "attention inside down/up levels is not implemented (the release has none)"
         for m in self.ch_mult:
-            assert (self.ch * m) % self.num_groups == 0, f"num_groups {self.num_groups} must divide ch*mult {self.ch * m}"
+            assert (self.ch * m) % self.num_groups == 0, \
+                f"num_groups {self.num_groups} must divide ch*mult {self.ch * m}"
 
     @property
     def factor(self) -> int:
@@ -504,8 +505,8 @@ def save_vqgan(model: VQGAN, out_dir):
 
 def to_yaml(cfg: VQGANConfig) -> str:
     """vqgan.yaml for a config, in the layout of Chameleon's tokenizer/vqgan.yaml (taming's VQModel config; the
-    released values are VQGANConfig's defaults). The lossconfig block is taming's usual one: the released text is not public, and
-    every loader (ours, chameleon/inference/image_tokenizer.py) ignores it."""
+    released values are VQGANConfig's defaults). The lossconfig block is taming's usual one: the released text is not
+    public, and every loader (ours, chameleon/inference/image_tokenizer.py) ignores it."""
     if cfg.num_groups != 32 or cfg.cell_local:
         raise ValueError("vqgan.yaml cannot carry num_groups != 32 or cell_local (taming hard-codes GroupNorm(32) "
                          "and encodes whole images); write config.json with save_vqgan instead")

@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tokenizer files in the released layouts (spec internvl25.md section 7), shared by tests/test_tokenizer.py and
+# Tokenizer files in the released layouts, shared by tests/test_tokenizer.py and
 # tests/test_road.py. Imported lazily: sentencepiece and the repository's modules load only when a test asks.
 
 import json  # noqa: E402

@@ -3,7 +3,8 @@ ARMOR's model code in armor.py: parameter counts, cached decoding, WoHG stages, 
 
   python -m pytest tests/test_armor.py -q
 
-- The presets reproduce the published InternVL2.5 parameter counts (spec 9) on the meta device; ARMOR adds ~0.7B to 8B.
+- The presets reproduce the published InternVL2.5 parameter counts (their model cards) on the meta device; ARMOR
+  adds ~0.7B to 8B.
 - Cached decoding (new_state / extend / adapter_catch_up) equals one full forward: text mode, visual mode, and a
   text -> <imgbos> -> codes -> <imgend> -> text -> <imgbos> switch with the lazy adapter catch-up; and a left-padded
   batch of rows with different prompt lengths (one with an image) equals each row run alone.

@@ -1,5 +1,5 @@
 """
-The training data path of data.py (issue 4): label masks, image spans, length limit, mixture, sources, bad data.
+The training data path of data.py: label masks, image spans, length limit, mixture, sources, bad data.
 
   python -m pytest tests/test_data.py -q
 

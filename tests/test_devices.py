@@ -1,6 +1,7 @@
 """
-Device correctness without a GPU: every model kind built and initialised on the `meta` device. A tensor made on the CPU next to a model elsewhere ("Expected all tensors to be on the same
-device" on the first GPU that runs it) fails here the same way, since meta tensors refuse to mix with CPU ones.
+Device correctness without a GPU: every model kind built and initialised on the `meta` device. A tensor made on the
+CPU next to a model elsewhere ("Expected all tensors to be on the same device" on the first GPU that runs it) fails
+here the same way, since meta tensors refuse to mix with CPU ones.
 (Forward passes cannot run there: a decode step reads token ids back on the host, which meta tensors cannot do.)
 
   python -m pytest tests/test_devices.py -q

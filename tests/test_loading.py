@@ -3,10 +3,10 @@ Checkpoint I/O of armor.py: the released InternVL2.5 layouts and ARMOR's own che
 
   python -m pytest tests/test_loading.py -q
 
-- A tiny checkpoint of each released layout, written by save_internvl in the exact released key names (spec 2b):
+- A tiny checkpoint of each released layout, written by save_internvl in the exact released key names:
   Qwen2 as one model.safetensors, InternLM2 as shards + model.safetensors.index.json with the packed wqkv.
-  The key set equals the spec's list, the tensor count follows the spec's formula, and from_internvl gives back
-  every tensor bit for bit (fp32) or rounded to bf16 (dtype=bfloat16).
+  The key set equals the released list, the tensor count follows the released files' formula, and from_internvl
+  gives back every tensor bit for bit (fp32) or rounded to bf16 (dtype=bfloat16).
 - Every malformed case fails with a CheckpointError that names the key or file (and both shapes for a mis-shaped
   tensor), before any weight is copied.
 - ARMOR checkpoints: save_pretrained whole and partial (base=dir) round-trip exactly; a wrong base fails clearly.
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def released_keys(cfg):
-    """The released key names (spec 2b table), written out independently of armor.py's key map -> shapes."""
+    """The released key names (the released model.safetensors index), written out independently of armor.py's key
+    map -> shapes."""
     v, l = cfg.vision, cfg.llm
     C, g = v.hidden_size, v.image_size // v.patch_size
     keys = {"vision_model.embeddings.class_embedding": (1, 1, C),
@@ -77,12 +78,13 @@ def tensor_count(cfg):
 
 
 def test_released_key_list_matches_the_spec_counts():
-    # the published tensor counts of the four released files (spec 2b), from the key list and from the formula
+    # the published tensor counts of the four released files (their model.safetensors.index.json), from the key list
+    # and from the formula
     for name, count in (("internvl2_5-1b", 637), ("internvl2_5-2b", 517), ("internvl2_5-4b", 781),
                         ("internvl2_5-8b", 573)):
         cfg = armor.PRESETS[name]()
         assert len(released_keys(cfg)) == tensor_count(cfg) == count, name
-    # and the 8B wqkv shape of spec 3
+    # and the 8B wqkv shape
     assert released_keys(armor.PRESETS["internvl2_5-8b"]())[
         "language_model.model.layers.0.attention.wqkv.weight"] == (6144, 4096)
 
@@ -153,8 +155,8 @@ def test_internlm2_sharded_released_layout(tmp_path):
               "language_model.model.tok_embeddings.weight", "language_model.model.layers.1.feed_forward.w3.weight"):
         assert k in ft, k
 
-    # the packing, written out row by row from spec 3: row ((h*(g+2)) + s)*hd + j holds query head h*g+s (s < g),
-    # key head h (s = g) or value head h (s = g+1)
+    # the packing, written out row by row from modeling_internlm2.py's rearrange: row ((h*(g+2)) + s)*hd + j holds
+    # query head h*g+s (s < g), key head h (s = g) or value head h (s = g+1)
     l, sd = src.config.llm, src.state_dict()
     g, hd = l.num_heads // l.num_kv_heads, l.head_dim
     for n in range(l.num_layers):

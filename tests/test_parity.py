@@ -5,11 +5,11 @@ Numerical parity of armor.py against transformers 5.23 on shared random weights 
 
 - InternVL2.5 with a Qwen2 LLM vs `InternVLForConditionalGeneration`: the whole image -> logits path with 3 tiles of
   a 4x4-patch tower (4 <IMG_CONTEXT> tokens per tile), then 20 greedy tokens from our KV-cache loop vs HF `generate`.
-- InternVL2.5 with an InternLM2 LLM vs `LlamaForCausalLM` after the wqkv split (spec sections 3 and 8): our weights are
+- InternVL2.5 with an InternLM2 LLM vs `LlamaForCausalLM` after the wqkv split: our weights are
   written in the released InternLM2 layout by save_internvl, read back by from_internvl, and compared at a length
   below and past a shrunk max_position_embeddings (64), where InternLM2's dynamic NTK rope changes the base.
 Every tensor is randomised (LayerScale, norms, biases, position embeddings included), our state dict is mapped to the
-HF names with the spec 8b key map, and HF loads it with strict=True.
+HF names with the key map of transformers' InternVL conversion script, and HF loads it with strict=True.
 
 Dynamic NTK and incremental decoding: HF's `dynamic_rope_update` recomputes `inv_freq` from max(position_ids) + 1 of
 the current call whenever that exceeds the longest length seen so far, so in `generate` the prefill uses the base of
@@ -36,11 +36,11 @@ from conftest import randomize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = 1e-4  # issue 2's bound on max |delta logits| in fp32
+TOL = 1e-4  # bound on max |delta logits| in fp32
 
 
 def vision_hf_map(sd, prefix_ours, prefix_hf):
-    """InternViT keys (spec 2b) -> InternVLVisionModel keys (spec 8b), splitting the fused qkv."""
+    """InternViT keys (released) -> InternVLVisionModel keys (transformers), splitting the fused qkv."""
     out = {}
     for k, v in sd.items():
         if not k.startswith(prefix_ours):
@@ -90,14 +90,15 @@ def qwen_config():
 def hf_internvl(cfg):
     v, l = cfg.vision, cfg.llm
     vc = InternVLVisionConfig(hidden_size=v.hidden_size, num_hidden_layers=v.num_layers,
-                              num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
+                              num_attention_heads=v.num_heads, intermediate_size=v.intermediate_size,
+                              image_size=v.image_size, patch_size=v.patch_size,
                               attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
                               layer_norm_eps=v.layer_norm_eps, use_mean_pooling=True)
     tc = Qwen2Config(vocab_size=l.vocab_size, hidden_size=l.hidden_size, num_hidden_layers=l.num_layers,
                      num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads,
                      intermediate_size=l.intermediate_size, rms_norm_eps=l.rms_norm_eps, rope_theta=l.rope_theta,
                      max_position_embeddings=l.max_position_embeddings, tie_word_embeddings=False)
-    # spec 8a pitfall: the top-level tie_word_embeddings defaults to True and wins, so pass False explicitly
+    # a pitfall: the top-level tie_word_embeddings defaults to True and wins, so pass False explicitly
     c = InternVLConfig(vision_config=vc, text_config=tc, image_token_id=cfg.img_context_id,
                        downsample_ratio=cfg.downsample_ratio, vision_feature_layer=-1,
                        vision_feature_select_strategy="default", tie_word_embeddings=False)

@@ -1,8 +1,8 @@
 """
-The released InternVL2.5-1B and -8B `config.json` (written out here from the published values, spec internvl25.md
-section 1) read by the loader's own path (from_internvl -> config_from_internvl) into armor.PRESETS, and the
-released-size models built on the meta device through from_internvl, with every tensor of the released key list
-(spec 2b) shape-checked by the loader and the parameter counts of spec 9.
+The released InternVL2.5-1B and -8B `config.json` (written out here from the published values) read by the loader's
+own path (from_internvl -> config_from_internvl) into armor.PRESETS, and the released-size models built on the meta
+device through from_internvl, with every tensor of the released key list shape-checked by the loader and the
+published parameter counts.
 
   python -m pytest tests/test_released_configs.py -q
 """
@@ -36,13 +36,14 @@ RELEASED = {
         rope_scaling={"type": "dynamic", "factor": 2.0}, rms_norm_eps=1e-5, max_position_embeddings=32768,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, bias=False, hidden_act="silu")),
 }
-# spec 1b / 1c as plain numbers: the released key list and its shapes come from these, not from the parsed config
+# the released configs as plain numbers: the released key list and its shapes come from these, not from the parsed
+# config
 SHAPES = {"internvl2_5-1b": dict(arch="qwen2", hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                                  head_dim=64, intermediate_size=4864, vocab_size=151674),
           "internvl2_5-8b": dict(arch="internlm2", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
                                  head_dim=128, intermediate_size=14336, vocab_size=92553)}
 VIT = dict(hidden_size=1024, image_size=448, patch_size=14, num_layers=24, intermediate_size=4096)
-TOTAL = {"internvl2_5-1b": 938_193_024, "internvl2_5-8b": 8_075_365_376}  # spec 9
+TOTAL = {"internvl2_5-1b": 938_193_024, "internvl2_5-8b": 8_075_365_376}  # the model cards' counts
 
 
 def released_dir(tmp_path, name, monkeypatch):

@@ -1,6 +1,6 @@
 """InternVL dynamic tiling and pixel normalisation (data.py) against the reference algorithm, written out literally
-below from spec internvl25.md §6a: a set of candidate grids sorted by area, the closest aspect ratio with the
-area tie rule, PIL's default (bicubic) resize, row-major crops, the thumbnail last, then torchvision's
+below from InternVL's dataset.py (dynamic_preprocess): a set of candidate grids sorted by area, the closest aspect
+ratio with the area tie rule, PIL's default (bicubic) resize, row-major crops, the thumbnail last, then torchvision's
 Resize + ToTensor + Normalize redone with PIL + numpy.
 
   python -m pytest tests/test_tiling.py
@@ -15,7 +15,7 @@ from PIL import Image
 from data import IMAGENET_MEAN, IMAGENET_STD, candidate_grids, dynamic_preprocess, find_grid, load_image
 
 
-# ---- reference (spec §6a, in the shape of GH dataset.py) ----------------------------------------------------------
+# ---- reference (in the shape of InternVL's dataset.py) --------------------------------------------------------------
 def ref_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
@@ -83,7 +83,7 @@ def make_image(w, h, seed=0, mode="RGB"):
     return Image.fromarray(arr, "RGB").convert(mode)
 
 
-# spec §6a worked examples (max_num 12, thumbnail on): size -> (grid, tiles incl. thumbnail)
+# worked examples (max_num 12, thumbnail on): size -> (grid, tiles incl. thumbnail)
 WORKED = {(448, 448): ((1, 1), 1), (224, 224): ((1, 1), 1), (1000, 1000): ((3, 3), 10), (800, 600): ((4, 3), 13),
           (1024, 768): ((4, 3), 13), (1920, 1080): ((4, 2), 9), (300, 1200): ((1, 4), 5)}
 

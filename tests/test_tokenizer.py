@@ -188,7 +188,7 @@ def test_qwen2_special_ids(qwen):
 
 # ---- InternLM2 SentencePiece BPE --------------------------------------------------------------------------------
 SP_VARIANTS = {
-    # what InternLM2 is thought to use (spec §7: prepend_scheme "never"); also carries a user-defined piece
+    # what InternLM2 is thought to use (prepend_scheme "never"); also carries a user-defined piece
     "no_dummy_prefix": dict(normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
                             user_defined_symbols=["<|user_sym|>"]),
     "dummy_prefix": dict(normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False),

@@ -1,4 +1,4 @@
-"""Tests for vqgan.py (issue 3). Run: python -m pytest tests/test_vqgan.py  (add -m slow for the released-size
+"""Tests for vqgan.py. Run: python -m pytest tests/test_vqgan.py  (add -m slow for the released-size
 parity runs and the toy training measurement).
 
 Oracles (test-only, transformers 5.23): ChameleonVQVAE.encode for encoder + quantizer, and JanusVQVAEDecoder with
@@ -252,9 +252,10 @@ def test_yaml_reader(tmp_path):
     inline = tiny_yaml(cfg).replace("ch_mult:\n      - 1\n      - 2\n      - 2\n      - 4", "ch_mult: [1, 2, 2, 4]")
     assert "ch_mult: [1, 2, 2, 4]" in inline
     assert VQGANConfig.from_yaml(write(inline)) == cfg
-    # the released values (spec section 1) with every list written in block style
+    # the released values (Chameleon's tokenizer/vqgan.yaml) with every list written in block style
     released = VQGANConfig()
-    text = YAML.format(m0=1, m1=1, m2=2, m3=2, **asdict(released)).replace("      - 2\n      num", "      - 2\n      - 4\n      num")
+    text = YAML.format(m0=1, m1=1, m2=2, m3=2, **asdict(released))
+    text = text.replace("      - 2\n      num", "      - 2\n      - 4\n      num")
     assert VQGANConfig.from_yaml(write(text)) == released
     with pytest.raises(ValueError, match="double_z"):
         VQGANConfig.from_yaml(write(tiny_yaml(cfg).replace("double_z: false", "double_z: true")))
@@ -354,7 +355,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pre- and post-processing (spec section 4)
+# pre- and post-processing (chameleon/inference/image_tokenizer.py)
 
 
 def test_normalisation_is_float64():
@@ -398,7 +399,8 @@ def test_palette_grayscale_and_la():
     assert torch.equal(preprocess(opaque, 4)[:, 2, 2], torch.tensor([-1.0, 1.0, -1.0]))
     gray = Image.fromarray(np.full((4, 4), 51, np.uint8), "L")
     g = preprocess(gray, 4)
-    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2]) and g[0, 0, 0] == torch.tensor(51 / 255.0 * 2 - 1).float()
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])
+    assert g[0, 0, 0] == torch.tensor(51 / 255.0 * 2 - 1).float()
     la = Image.fromarray(np.stack([np.full((4, 4), 0, np.uint8), np.full((4, 4), 64, np.uint8)], -1), "LA")
     v = int((1 - 64 / 255.0) * 255 + 64 / 255.0 * 0)  # 191, truncated
     assert torch.equal(preprocess(la, 4), torch.full((3, 4, 4), v / 255.0 * 2 - 1).float())
@@ -415,7 +417,8 @@ def test_resize_round_lanczos_floor_crop():
     want = tie.resize((12, 5), Image.LANCZOS).crop((3, 0, 8, 5))
     assert torch.equal(preprocess(tie, 5), torch.from_numpy(np.array(want) / 255.0 * 2 - 1).permute(2, 0, 1).float())
     other = tie.resize((13, 5), Image.LANCZOS).crop((4, 0, 9, 5))
-    assert not torch.equal(preprocess(tie, 5), torch.from_numpy(np.array(other) / 255.0 * 2 - 1).permute(2, 0, 1).float())
+    assert not torch.equal(preprocess(tie, 5),
+                           torch.from_numpy(np.array(other) / 255.0 * 2 - 1).permute(2, 0, 1).float())
     # portrait, odd sizes, both targets
     tall = Image.fromarray(rng.integers(0, 256, (333, 97, 3), dtype=np.uint8))
     for size in (256, 512):
@@ -523,8 +526,8 @@ def test_cache_kill_and_resume(tmp_path):
 
     # killed (SIGKILL) after the codes of its 3rd batch hit the disk but before that batch's index lines
     two = tmp_path / "two"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_THIRD_INDEX_WRITE, *_cache_cmd(tmp_path / "vq", srcs, two)[2:]],
-                            env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-c", KILL_AT_THIRD_INDEX_WRITE, *_cache_cmd(tmp_path / "vq", srcs, two)[2:]]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     lines = (two / "index.jsonl").read_text().splitlines()
     covered = sum(16 for e in map(json.loads, lines) if "skip" not in e)  # 4x4 codes per image
@@ -651,7 +654,7 @@ def test_train_overfits_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_toy_config_trains(tmp_path):
-    """The measurement reported for issue 3: 2000 steps of batch 8 (about the lead's 4-minute budget on 2 cores),
+    """2000 steps of batch 8 (about 4 minutes on 2 cores),
     then MSE and codebook usage on held-out drawings. It must beat an 8x8 grid of exact flat colours, i.e. each
     token holding the mean colour of its patch (which is what a blurry tokenizer would manage)."""
     import time
