@@ -545,7 +545,7 @@ class Progress:
     step: int = 0  # optimizer steps taken
     stats: dict = field(default_factory=lambda: {k: 0 for k in BAD_KINDS})  # bad records skipped, by kind
     nonfinite: int = 0  # steps skipped for a non-finite loss or gradient (--skip-nonfinite)
-    data: dict = None  # the data stream's position after the last step taken
+    data: dict | None = None  # the data stream's position after the last step taken
 
 
 def global_sum(values, ddp, device):
