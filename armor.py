@@ -152,7 +152,7 @@ PRESETS = {
     # InternVL2.5-8B: InternViT-300M + internlm2_5-7b-chat
     "internvl2_5-8b": lambda: ArmorConfig(_vit300m(), LLMConfig("internlm2", 92553, 4096, 32, 32, 8, 14336, 1e6, 1e-5,
                                                                  rope_dynamic_factor=2.0)),
-    # the toy world (toy.py): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
+    # the toy world (toy/): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
     # LLM (vocab_size is replaced by the toy tokenizer's), drawing 8x8 codes of the toy VQGAN (512 codes)
     "toy": lambda: ArmorConfig(VisionConfig(64, 8, 128, 4, 4, 512), LLMConfig("qwen2", 1024, 256, 4, 4, 2, 768),
                                max_tiles=1, system_message="You can see and draw pictures.", num_image_codes=512,
