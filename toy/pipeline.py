@@ -58,7 +58,8 @@ VQ_CELL_LOCAL = True
 # drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
 # weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
-# (steps, batch, lr, warmup) per train.py stage. The base trains 800 steps: at 400 it still answered "could you draw
+# (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
+# tests/test_train.py keeps the two equal). The base trains 800 steps: at 400 it still answered "could you draw
 # an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
 # its states, then answered that request in words (README, "The base reads the verb")
 TRAIN = {0: (800, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}

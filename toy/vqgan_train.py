@@ -23,7 +23,6 @@ from tqdm import tqdm
 from vqgan import VQGAN, VQGANConfig, _atomic_write, iter_images, preprocess, save_vqgan
 
 
-
 def train_vqgan(cfg: VQGANConfig, batches, steps, lr=1e-3, out_dir="out/vqgan", log_every=100, resume=True,
                 restart_every=100, locality=0.0, device="cpu") -> VQGAN:
     """Train a VQGAN from scratch: loss = MSE(recon, x) + VQ loss (taming's legacy order: commitment term with
