@@ -291,7 +291,8 @@ STEPS = ("data", "tokenizer", "vqgan", "codes", "base", "stage1", "stage2", "sta
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m toy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="?", default="build", choices=["build", "prepare"],
                     help="build: every step below (the default); prepare: only the data of train.py's toy defaults "
                          "for --stage (what toy/stage<N>.args has train.py run)")
