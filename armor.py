@@ -164,7 +164,7 @@ PRESETS = {
     "internvl2_5-8b": lambda: _config(VIT_300M, dict(
         arch="internlm2", vocab_size=92553, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         intermediate_size=14336, rope_theta=1e6, rms_norm_eps=1e-5, rope_dynamic_factor=2.0)),
-    # the toy world (toy.py): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
+    # the toy world (toy/): 64 px single tiles of 8 px patches -> 16 tokens per image, a 4-layer Qwen2-layout
     # LLM (vocab_size is replaced by the toy tokenizer's), drawing 8x8 codes of the toy VQGAN (512 codes)
     "toy": lambda: _config(
         dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),

@@ -177,7 +177,7 @@ def make_unconditional(ids: torch.Tensor, user: torch.Tensor, cfg) -> torch.Tens
 # Training data for train.py: records, sources, the per-stage mixture, length limit, bad-data accounting
 # ===================================================================================================================
 #
-# Record format (one JSON object per line; what world.py writes, InternVL/LLaVA style):
+# Record format (one JSON object per line; what toy/world.py writes, InternVL/LLaVA style):
 #   {"id": "t2ti-17", "type": "t2ti",
 #    "conversations": [{"from": "human", "value": "<image>\nWhat is this? Draw one in winter."},
 #                      {"from": "gpt", "value": "A teddy bear. Here it is in the snow: <gen_image>"}],

@@ -12,9 +12,9 @@ soon as its span ends; the whole answer is written as an HTML page (text and ima
   python sample.py --chat                                                   # multi-turn session on stdin
   python sample.py --model moved/ckpt --base InternVL2_5-1B --vqgan chameleon/tokenizer "..."  # a moved checkpoint
   python -m pytest tests/test_sample.py                                     # the checks listed in that file
-  python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the toy evaluation sweep DEFAULT_CFG below comes from
+  python -m toy.eval --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the toy evaluation sweep DEFAULT_CFG below comes from
 
-Generation (`generate`, also what eval.py calls): a batch of left-padded prompts x n answers, KV caches for the LLM
+Generation (`generate`, also what toy/eval.py calls): a batch of left-padded prompts x n answers, KV caches for the LLM
 and the adapter, the adapter's cache filled lazily in one batched catch-up when an image starts (a text-only answer
 never runs it). Inside an image span the visual head may only emit codes, exactly h*w of them, then <imgend> is
 forced; <imgbos> is masked when the remaining budget cannot hold a whole image. Classifier-free guidance on image
@@ -55,7 +55,7 @@ from data import GEN_IMAGE, encode_conversation, make_unconditional
 
 DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
 # The guidance scale with the best GenEval-style overall in the toy evaluation's sweep (README table; the sweep uses
-# seed 99, the reported evaluation seed 1234): `python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99`.
+# seed 99, the reported evaluation seed 1234): `python -m toy.eval --cfg-sweep 1,1.5,2,3,4,6 --seed 99`.
 DEFAULT_CFG = 1.5
 
 
@@ -487,7 +487,7 @@ def load_vqgan_for(ck: Checkpoint, device="cpu"):
 
 
 def load_armor(path, base=None, vqgan=None, device="cpu", dtype=torch.float32, verbose=True):
-    """The one loader of ARMOR checkpoints, whole or partial (sample.py, eval.py, train.py --init) ->
+    """The one loader of ARMOR checkpoints, whole or partial (sample.py, toy/eval.py, train.py --init) ->
     (model, tokenizer, Checkpoint): ck.vqgan is the resolved VQGAN path (or None), ck.base the base directory of a
     partial checkpoint, ck.tokenizer_dir where the tokenizer came from. base / vqgan override config.json's paths.
     Raises UsageError (a missing override) or armor.CheckpointError (both ValueErrors), one line each."""

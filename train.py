@@ -7,7 +7,8 @@ Train ARMOR with WoHG (paper Section 3.4, Figure 5), or the toy world's base MLL
   stage 0 (toy world only): the plain InternVL from scratch (--preset, --tokenizer), text loss, t2t + ti2t
 
 Commands
-  python train.py --stage 1                      # no data/model arguments: the toy world's defaults (toy.py)
+  python train.py --stage 1                      # no data/model arguments: the toy world's, toy/stage1.args
+  python train.py @toy/stage3.args --init out/toy_stage2   # an arguments file, then arguments that override it
   python train.py --stage 1 --base /models/InternVL2_5-8B --codes cache/ --data t2t=t2t.jsonl \\
       --data ti2t=ti2t.jsonl --data t2i='laion/*.tar' --data t2ti=t2ti.jsonl --out out/stage1
   python train.py --stage 2 --init out/stage1 --codes cache/ --data t2i='laion/*.tar' --data t2ti=t2ti.jsonl
@@ -27,8 +28,10 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -54,6 +57,8 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.mode
 # arguments that fix the run's data sequence and objective: a resume must not change them
 # (AdamW's own hyperparameters too: Optimizer.load_state_dict would silently keep the saved ones)
 MAX_EMPTY_STEPS = 20  # steps in a row with nothing to learn from before a run stops (the data cannot train it)
+# train.py's arguments for the toy world, one file per stage (toy/stage<N>.args): read, never imported
+TOY_ARGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "stage{}.args")
 RESUME_FIXED = ("stage", "seed", "data", "mix", "max_len", "cfg_drop", "alpha", "beta", "train", "t2i_templates",
                 "weight_decay", "adam_betas")
 
@@ -63,7 +68,10 @@ class UsageError(Exception):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 fromfile_prefix_chars="@")
+    # @FILE: one argument per line (--lr=1e-3); blank lines and lines starting with # are skipped
+    ap.convert_arg_line_to_args = lambda line: [] if not line.strip() or line.startswith("#") else [line.strip()]
     a = ap.add_argument_group("model")
     a.add_argument("--stage", type=int, default=1, choices=[0, 1, 2, 3], help="WoHG stage (0: toy base MLLM)")
     a.add_argument("--base", help="released InternVL2.5 directory; ARMOR modules are added, randomly initialised")
@@ -88,6 +96,9 @@ def build_parser():
                                                              "an image span never)")
     d.add_argument("--cfg-drop", type=float, help="condition dropout for guidance (default 0.1 in stages 2-3, else 0)")
     d.add_argument("--strict-data", action="store_true", help="stop at the first bad record instead of skipping it")
+    d.add_argument("--prepare", metavar="CMD",
+                   help="a command run before the data is opened, e.g. one that makes it; every rank runs it, so it "
+                        "must be safe to run at once (toy: a file lock). A leading `python` is this interpreter")
     d.add_argument("--prefetch", type=int, default=2, help="optimizer steps of data prepared ahead in a thread (0: "
                                                            "inline)")
     o = ap.add_argument_group("optimisation")
@@ -118,20 +129,12 @@ def parse_args(argv=None):
     ap = build_parser()
     args = ap.parse_args(argv)
     if not (args.data or args.base or args.init or args.preset or args.tokenizer):
-        # with no data or model arguments, the toy world supplies every default (toy.toy_defaults)
-        import importlib.util
-
-        if importlib.util.find_spec("toy") is None:
-            raise UsageError("no --data / --base / --init given, and the toy world (toy.py) that would supply them "
-                             "is not here; pass a model (--base or --init) and data (--data TYPE=PATH)")
-        from toy import toy_defaults
-
-        defaults = toy_defaults(args.stage)
-        unknown = set(defaults) - set(vars(args))
-        if unknown:
-            raise UsageError(f"toy.toy_defaults returned unknown arguments {sorted(unknown)}")
-        ap.set_defaults(**defaults)
-        args = ap.parse_args(argv)
+        # with no data or model arguments, the toy world's arguments file supplies them; the command line still wins
+        path = TOY_ARGS.format(args.stage)
+        if not os.path.exists(path):
+            raise UsageError(f"no --data / --base / --init given, and the toy world's defaults that would supply them "
+                             f"({path}) are not here; pass a model (--base or --init) and data (--data TYPE=PATH)")
+        args = ap.parse_args(["@" + path] + list(sys.argv[1:] if argv is None else argv))
     args.alpha = STAGE_LOSS[args.stage][0] if args.alpha is None else args.alpha
     args.beta = STAGE_LOSS[args.stage][1] if args.beta is None else args.beta
     args.cfg_drop = (0.1 if args.stage in (2, 3) else 0.0) if args.cfg_drop is None else args.cfg_drop
@@ -441,6 +444,8 @@ def main(argv=None):
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    if args.prepare:  # before the process group: a slow preparation must not run into its timeout
+        run_prepare(args.prepare)
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
@@ -452,6 +457,19 @@ def main(argv=None):
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+def run_prepare(cmd):
+    """--prepare: run the command, with this interpreter for a leading `python` (an arguments file cannot name it)."""
+    argv = shlex.split(cmd)
+    if argv[:1] == ["python"]:
+        argv[0] = sys.executable
+    try:
+        rc = subprocess.run(argv).returncode
+    except OSError as e:
+        raise SystemExit(f"error: --prepare {cmd!r}: {e}") from None
+    if rc:
+        raise SystemExit(f"error: --prepare {cmd!r} failed (exit status {rc})")
 
 
 @contextmanager

@@ -445,7 +445,7 @@ def test_attention_matmul_path_equals_sdpa(T, kind):
 
 
 def test_autocast_training_attention_runs_in_bf16(monkeypatch):
-    """Under CPU bf16 autocast (toy.py's training) every attention call, the LLM's and the adapter's included, gets
+    """Under CPU bf16 autocast (the toy training) every attention call, the LLM's and the adapter's included, gets
     bf16 queries and keys. RoPE's fp32 tables used to promote them back to fp32, which sent the toy training's
     attention to SDPA's slower fp32 kernels; the loss must stay close to the fp32 one."""
     m = tiny_armor(seed=5).train()

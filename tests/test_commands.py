@@ -135,8 +135,8 @@ def test_frozen_matmuls_in_bf16_train_the_same_bits(world, tmp_path, monkeypatch
 PREPARE = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import toy, world
-    p = toy.paths(data={data!r})
+    from toy import pipeline, world
+    p = pipeline.paths(data={data!r})
     if {kill_after!r}:  # die in the middle of writing the images of the first dataset
         real_save, n = world.Image.Image.save, []
         def save(self, *a, **k):
@@ -145,8 +145,8 @@ PREPARE = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(self, *a, **k)
         world.Image.Image.save = save
-    with toy.prepared_once(p["data"]):
-        toy.make_data(p, {{"t2i": 40, "t2ti": 20}}, base_text=False)
+    with pipeline.prepared_once(p["data"]):
+        pipeline.make_data(p, {{"t2i": 40, "t2ti": 20}}, base_text=False)
     print("prepared", flush=True)
 """)
 

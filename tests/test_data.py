@@ -50,7 +50,7 @@ def picture(colour, shape):
 
 
 def records():
-    """A few records of each type, in the record format world.py writes."""
+    """A few records of each type, in the record format toy/world.py writes."""
     out = {k: [] for k in ("t2t", "ti2t", "t2i", "t2ti")}
     n = 0
     for c in COLOURS:

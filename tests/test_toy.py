@@ -1,5 +1,5 @@
 """The toy world as shipped (issue 6): the committed checkpoints load and answer, and the pipeline that made them
-runs end to end (at tiny budgets) into a temporary folder, followed by eval.py on its output."""
+runs end to end (at tiny budgets) into a temporary folder, followed by toy/eval.py on its output."""
 
 import json
 import os
@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 import armor
-import pictures
 import sample
 import vqgan
-import world
+from toy import pictures, world
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "toy"
@@ -31,8 +30,9 @@ def run(*args, cwd=ROOT):
 
 
 def test_shipped_files_fit_the_budget():
-    files = [p for p in TOY.rglob("*") if p.is_file()]
-    assert {p.relative_to(TOY).parts[0] for p in files} == {"armor", "base", "vqgan"}
+    # toy/ is also the package of the toy world's code: its folders are the shipped checkpoints
+    assert {p.name for p in TOY.iterdir() if p.is_dir() and p.name != "__pycache__"} == {"armor", "base", "vqgan"}
+    files = [p for d in ("armor", "base", "vqgan") for p in (TOY / d).rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)
     assert total <= 50e6, f"toy/ holds {total / 1e6:.1f} MB"
 
@@ -127,7 +127,7 @@ def test_prompt_reading_tells_a_read_word_from_noise():
     starts) and the colour word (1.73; the model shipped before, 0.77); the same model with ARMOR's new tensors
     re-drawn at random (what stage 1 hands to stage 2) is not surprised by either: its rises are the noise floor, so
     the row measures the model and not the scorer. `-s` prints the four figures."""
-    import eval as ev
+    from toy import eval as ev
     model, tok, vq = sample.load(TOY / "armor")
     read = ev.eval_prompt_reading(model, tok, vq, 16, seed=1)  # colour 1.65, shape 3.34 when written
     armor.init_armor(model, seed=0)
@@ -144,7 +144,7 @@ def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
     """eval.py's ceiling row: the true pictures after the shipped VQGAN's round trip pass the judge almost always,
     held-out pairs less often (this VQGAN never saw them: 0.83 against 0.98 in eval.md); with the decoder's weights
     scrambled the same pictures pass (nearly) never, so the row measures the tokenizer and not the judge."""
-    import eval as ev
+    from toy import eval as ev
     vq = vqgan.load_vqgan(TOY / "vqgan")
     assert ev.eval_ceiling(vq, 4, seed=3)["overall"] >= 0.9
     assert ev.eval_ceiling(vq, 4, seed=3, heldout=True)["overall"] >= 0.6  # 0.83 measured at 20 per category
@@ -160,10 +160,10 @@ def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
 
 @pytest.mark.e2e
 def test_pipeline_quick_end_to_end(tmp_path):
-    """python toy.py --quick: every step (data, BPE, VQGAN, code cache, base, stages 1-3, ship) at tiny budgets;
-    then a rerun skips everything, and eval.py --quick scores the result."""
+    """python -m toy --quick: every step (data, BPE, VQGAN, code cache, base, stages 1-3, ship) at tiny budgets;
+    then a rerun skips everything, and python -m toy.eval --quick scores the result."""
     args = ["--quick", "--ship", tmp_path / "ship", "--data", tmp_path / "data", "--runs", tmp_path / "runs"]
-    p = run(ROOT / "toy.py", *args)
+    p = run("-m", "toy", *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for d in ("armor", "base", "vqgan"):
         assert (tmp_path / "ship" / d / "config.json").exists()
@@ -181,16 +181,16 @@ def test_pipeline_quick_end_to_end(tmp_path):
     # the base was trained on understanding data only
     log = (tmp_path / "runs" / "base" / "metrics.jsonl").read_text().splitlines()
     assert all(json.loads(line)["loss_img"] in (None, 0, 0.0) for line in log)
-    p = run(ROOT / "toy.py", *args)  # everything exists: only the ship step runs again
+    p = run("-m", "toy", *args)  # everything exists: only the ship step runs again
     assert p.returncode == 0 and "train.py" not in p.stdout, p.stdout[-2000:]
     # the code cache is reused only with the VQGAN that made it (its fp16 copy too), not with another one
-    import toy
-    paths = toy.paths(tmp_path / "data", tmp_path / "runs", tmp_path / "ship")
-    toy.make_codes(paths, tmp_path / "runs" / "vqgan")
-    toy.make_codes(paths, tmp_path / "ship" / "vqgan")
+    from toy import pipeline
+    paths = pipeline.paths(tmp_path / "data", tmp_path / "runs", tmp_path / "ship")
+    pipeline.make_codes(paths, tmp_path / "runs" / "vqgan")
+    pipeline.make_codes(paths, tmp_path / "ship" / "vqgan")
     with pytest.raises(SystemExit, match="codes of another VQGAN"):
-        toy.make_codes(paths, TOY / "vqgan")
-    p = run(ROOT / "eval.py", "--model", tmp_path / "ship" / "armor", "--quick", "--out", tmp_path / "eval.md")
+        pipeline.make_codes(paths, TOY / "vqgan")
+    p = run("-m", "toy.eval", "--model", tmp_path / "ship" / "armor", "--quick", "--out", tmp_path / "eval.md")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = (tmp_path / "eval.md").read_text()
     for row in ("training compositions", "held-out compositions", "scene accuracy", "understanding (ti2t accuracy)",
@@ -199,5 +199,5 @@ def test_pipeline_quick_end_to_end(tmp_path):
     # a train.py run names the VQGAN its code cache was made with: eval.py scores it with no other flag
     stage3, vq = tmp_path / "runs" / "stage3", tmp_path / "runs" / "vqgan"
     assert json.loads((stage3 / "config.json").read_text())["vqgan"] == str(vq)
-    p = run(ROOT / "eval.py", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
+    p = run("-m", "toy.eval", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
     assert p.returncode == 0 and "held-out compositions" in (tmp_path / "run.md").read_text(), p.stderr[-3000:]

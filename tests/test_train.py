@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -391,18 +390,42 @@ def test_nonfinite_loss_stops_or_is_skipped(world, monkeypatch, capsys):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_toy_defaults_fill_in_a_bare_command(world, monkeypatch):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "toy" else find_spec(name, *a))
-    with pytest.raises(train.UsageError, match=r"toy world \(toy\.py\)"):
+def test_toy_defaults_fill_in_a_bare_command(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "TOY_ARGS", str(tmp_path / "stage{}.args"))
+    with pytest.raises(train.UsageError, match=r"toy world's defaults .*stage2\.args\) are not here"):
         train.parse_args(["--stage", "2"])
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "toy" else find_spec(name,
-                                                                                                               *a))
-    toy = types.ModuleType("toy")
-    toy.toy_defaults = lambda stage: {"init": f"toy/stage{stage - 1}", "data": [f"t2i={world}/t2i.jsonl"],
-                                      "codes": "toy/codes", "steps": 7}
-    monkeypatch.setitem(sys.modules, "toy", toy)
+    (tmp_path / "stage2.args").write_text(f"# comment lines and blank ones are skipped\n--stage=2\n--init=toy/stage1\n"
+                                          f"\n--data=t2i={world}/t2i.jsonl\n--codes=toy/codes\n--steps=7\n")
     args = train.parse_args(["--stage", "2", "--steps", "9"])  # the command line still wins
     assert (args.init, args.steps, args.beta, args.cfg_drop, args.out) == ("toy/stage1", 9, 1.0, 0.1, "out/stage2")
+    assert args.data == [f"t2i={world}/t2i.jsonl"] and args.codes == "toy/codes"
+    args = train.parse_args([f"@{tmp_path / 'stage2.args'}", "--init", "out/mine"])  # the file named, then overridden
+    assert (args.init, args.steps) == ("out/mine", 7)
+
+
+def test_the_toy_args_files_are_the_pipelines_settings(monkeypatch):
+    """toy/stage<N>.args, what a bare `train.py --stage N` reads: the toy pipeline's budgets (pipeline.TRAIN), the
+    data and code cache its prepare step makes, and that step as --prepare."""
+    from toy import pipeline
+
+    monkeypatch.chdir(Path(train.__file__).parent)  # the files' paths are relative to the repository root
+    p = pipeline.paths()
+    for stage in range(4):
+        args = train.parse_args(["--stage", str(stage)])
+        assert (args.steps, args.batch_size, args.lr, args.warmup) == pipeline.TRAIN[stage]
+        data = [f"{k}={os.path.abspath(v)}" for k, v in (d.split("=", 1) for d in args.data)]
+        assert data == pipeline._data_args(p, stage)
+        assert args.prepare == f"python -m toy prepare --stage {stage}" and args.out == f"out/toy_stage{stage}"
+        assert (os.path.abspath(args.codes) if args.codes else None) == (p["codes"] if stage else None)
+        model = {"base": args.base, "init": args.init, "tokenizer": args.tokenizer}
+        assert {k: os.path.abspath(v) for k, v in model.items() if v} == {
+            0: {"tokenizer": os.path.join(p["ship"], "base")}, 1: {"base": os.path.join(p["ship"], "base")},
+            2: {"init": os.path.join(p["ship"], "armor")}, 3: {"init": os.path.join(p["ship"], "armor")}}[stage]
+
+
+def test_prepare_runs_with_this_python(tmp_path):
+    marker = tmp_path / "made"
+    train.run_prepare(f"python -c \"import sys; open({str(marker)!r}, 'w').write(sys.executable)\"")
+    assert marker.read_text() == sys.executable
+    with pytest.raises(SystemExit, match=r"^error: --prepare .* failed \(exit status 3\)$"):
+        train.run_prepare("python -c 'raise SystemExit(3)'")

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import vqgan
-from vqgan import (CodeCache, VQGAN, VQGANConfig, decode_pil, encode_pil, evaluate, iter_images, load_vqgan,
-                   preprocess, save_vqgan, to_pil, train_vqgan)
+from toy import vqgan_train
+from toy.vqgan_train import evaluate, train_vqgan
+from vqgan import (CodeCache, VQGAN, VQGANConfig, decode_pil, encode_pil, iter_images, load_vqgan, preprocess,
+                   save_vqgan, to_pil)
 
 REPO = Path(__file__).resolve().parents[1]
 # same depth, channel multipliers, res blocks and attention as the release, 4x fewer channels: every code path
@@ -346,7 +348,7 @@ def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: VQGAN weights not found: .*nope.ckpt$"):
         vqgan.main(["cache", "--vqgan", str(tmp_path / "nope.ckpt"), "--data", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="^error: .*: no readable images$"):
-        vqgan.main(["train", "--images", str(tmp_path), "--out", str(tmp_path / "run")])
+        vqgan_train.main(["--images", str(tmp_path), "--out", str(tmp_path / "run")])
     save_vqgan(VQGAN(TINY), tmp_path / "vq")
     with pytest.raises(SystemExit, match="^error: .*data.csv: expected a folder of images, a .jsonl or a .tar shard$"):
         (tmp_path / "data.csv").write_text("x")
@@ -681,7 +683,7 @@ def test_context_pairs_keep_the_kept_cells():
     """The moved copy holds every kept cell unchanged (shifted by whole cells), and a pasted block elsewhere."""
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for step in range(5):
-        moved, (dy, dx), keep = vqgan._context_pairs(x, 8, step)
+        moved, (dy, dx), keep = vqgan_train._context_pairs(x, 8, step)
         ref = torch.roll(x, (8 * dy, 8 * dx), dims=(2, 3))
         cells = lambda t: t.reshape(4, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, 3, 8, 8)
         same = (cells(moved) == cells(ref)).flatten(3).all(-1)
@@ -694,14 +696,14 @@ def test_locality_loss_separates_local_from_global_encoders():
     image mean (what GroupNorm or attention can do); and scaling z does not change it."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 1, 1, generator=g) + 0.1 * torch.rand(6, 3, 32, 32, generator=g)  # a flat colour each
-    moved, shift, keep = vqgan._context_pairs(x, 8, 0)
+    moved, shift, keep = vqgan_train._context_pairs(x, 8, 0)
     both = torch.cat([x, moved])
     local = F.avg_pool2d(both, 8)
     glob = local + 3 * both.mean((2, 3), keepdim=True)
-    assert vqgan._locality_loss(local, shift, keep).item() < 1e-10
-    g = vqgan._locality_loss(glob, shift, keep).item()
+    assert vqgan_train._locality_loss(local, shift, keep).item() < 1e-10
+    g = vqgan_train._locality_loss(glob, shift, keep).item()
     assert g > 1e-3  # 0.04 here: the block pasted from another image moves the image mean
-    assert vqgan._locality_loss(0.01 * glob, shift, keep).item() == pytest.approx(g, rel=1e-4)
+    assert vqgan_train._locality_loss(0.01 * glob, shift, keep).item() == pytest.approx(g, rel=1e-4)
 
 
 def test_context_entropy():
@@ -716,8 +718,8 @@ def test_context_entropy():
 
     x = torch.zeros(200, 3, 16, 16)
     x[::2, :, :8] = 1  # two kinds of cell
-    assert vqgan.context_entropy(Stub(False), x) == 0
-    assert vqgan.context_entropy(Stub(True), x) == pytest.approx(np.log(2), abs=0.03)
+    assert vqgan_train.context_entropy(Stub(False), x) == 0
+    assert vqgan_train.context_entropy(Stub(True), x) == pytest.approx(np.log(2), abs=0.03)
 
 
 def test_train_with_locality_resumes_exactly(tmp_path):

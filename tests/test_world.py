@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import pictures
-import world
-from pictures import SCENES
-from world import TYPES
+from toy import pictures, world
+from toy.pictures import SCENES
+from toy.world import TYPES
 
 
 # --- degradations a VQGAN reconstruction might cause, and noise that must not pass as a drawing ---------------------
@@ -350,7 +349,7 @@ def test_training_requests_are_often_bare_and_casual():
 
 
 def test_name_colours_rewrites_only_requests_that_named_none():
-    """toy.py --name-colours S (world.make_mixture's name_colours): a share S of the training t2i object requests
+    """python -m toy --name-colours S (world.make_mixture's name_colours): a share S of the training t2i object requests
     that name no colour name the colours drawn. Pictures, ids and every other record stay byte for byte; evaluation
     prompts (the held-out split) never change; each rewritten request describes its own picture."""
     plain = world.make_mixture("t2i", 600, 3)
@@ -374,25 +373,25 @@ def test_name_colours_rewrites_only_requests_that_named_none():
 
 
 def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
-    import toy
-    p = toy.paths(str(tmp_path / "data"), str(tmp_path / "runs"), str(tmp_path / "ship"))
-    toy.make_data(p, {k: 2 for k in TYPES})
-    toy.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
+    from toy import pipeline
+    p = pipeline.paths(str(tmp_path / "data"), str(tmp_path / "runs"), str(tmp_path / "ship"))
+    pipeline.make_data(p, {k: 2 for k in TYPES})
+    pipeline.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
     with pytest.raises(SystemExit, match="another --data"):
-        toy.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
-    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": toy.NAME_COLOURS}
+        pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
+    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": pipeline.NAME_COLOURS}
 
 
 def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):
-    """The BPE is the base MLLM's tokenizer: toy.make_tokenizer reads the training sets as the shipped recipe makes
+    """The BPE is the base MLLM's tokenizer: pipeline.make_tokenizer reads the training sets as the shipped recipe makes
     them, so data made with --name-colours (other t2i prompts) gives the same tokenizer, and so the same base."""
-    import toy
+    from toy import pipeline
     n = {k: 48 for k in TYPES}
     made = []
     for share in (0.0, 1.0):
-        p = toy.paths(str(tmp_path / f"data{share}"), str(tmp_path / f"runs{share}"), str(tmp_path / "ship"))
-        toy.make_data(p, n, name_colours=share)
-        toy.make_tokenizer(p, n)
+        p = pipeline.paths(str(tmp_path / f"data{share}"), str(tmp_path / f"runs{share}"), str(tmp_path / "ship"))
+        pipeline.make_data(p, n, name_colours=share)
+        pipeline.make_tokenizer(p, n)
         made.append(((tmp_path / f"data{share}" / "t2i_train.jsonl").read_bytes(),
                      (tmp_path / f"runs{share}" / "tokenizer" / "tokenizer.json").read_bytes()))
     assert made[0][0] != made[1][0]  # the drawing requests differ

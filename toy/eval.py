@@ -1,12 +1,12 @@
 """
 Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know when to draw, and still understand?
 
-  python eval.py                                  # toy/armor vs toy/base -> one Markdown table, also eval.md
-  python eval.py --model runs/toy/stage3 --vqgan runs/toy/vqgan --stages runs/toy/stage1 runs/toy/stage2
-                                                  # a train.py run (it names no VQGAN), understanding per stage
-  python eval.py --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the guidance sweep behind sample.py's default --cfg
-  python eval.py --quick                          # fewer prompts (a smoke run)
-  python eval.py --gallery figures/gallery.png    # a captioned sheet of the model's own drawings
+  python -m toy.eval                              # toy/armor vs toy/base -> one Markdown table, also eval.md
+  python -m toy.eval --model runs/toy/stage3 --vqgan runs/toy/vqgan --stages runs/toy/stage1 runs/toy/stage2
+                                                # a train.py run (it names no VQGAN), understanding per stage
+  python -m toy.eval --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the guidance sweep behind sample.py's default --cfg
+  python -m toy.eval --quick                      # fewer prompts (a smoke run)
+  python -m toy.eval --gallery figures/gallery.png  # a captioned sheet of the model's own drawings
 
 Sections (prompts are seeded; world.py holds the prompt sets, pictures.py the rule-based judges, validated in
 tests/test_world.py):
@@ -32,11 +32,11 @@ import time
 
 import torch
 
-import pictures
-import world
 from sample import IMAGE_DEFAULT, Sampling, generate, load
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from . import pictures, world
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = Sampling(0.0)
 DEFAULT_MODEL = os.path.join(ROOT, "toy", "armor")
 
@@ -106,7 +106,9 @@ def eval_ceiling(vq, n, seed, heldout=False):
 def eval_code_context(vq, n, seed):
     """H(code | the cell's own pixels) in nats over n random object pictures (vqgan.context_entropy): how much a
     code depends on what lies around its cell, which the drawing model must then guess ahead."""
-    from vqgan import context_entropy, preprocess
+    from vqgan import preprocess
+
+    from .vqgan_train import context_entropy
     rng = random.Random(f"code-context/{seed}")
     pics = [pictures.render(pictures.random_objects(rng)) for _ in range(n)]
     return context_entropy(vq, torch.stack([preprocess(p, pictures.SIZE) for p in pics]))
@@ -305,7 +307,7 @@ def main(argv=None):
         return
 
     lines = [f"Toy-world evaluation of `{os.path.relpath(args.model, ROOT)}` (cfg {cfg:g}, seed {args.seed}, "
-             f"`python eval.py{' --quick' if args.quick else ''}`)", ""]
+             f"`python -m toy.eval{' --quick' if args.quick else ''}`)", ""]
     gen = eval_generation(model, tok, vq, n, cfg, args.seed)
     held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
     cats = pictures.CATEGORIES

@@ -6,9 +6,9 @@ requests, a held-out split of compositions and phrasings, the base MLLM's text p
 sets with their answer and modality scorers. Everything that samples takes a seed or a random.Random: same seed, same
 bytes.
 
-  python world.py sample --out /tmp/world                     # contact sheet: world_sample.png
-  python world.py export --out toy_data --n 2000              # train: t2t/ti2t/t2i/t2ti .jsonl + images/
-  python world.py export --out toy_data --n 200 --split heldout   # evaluation prompts, ti2ti included
+  python -m toy.world sample --out /tmp/world                 # contact sheet: world_sample.png
+  python -m toy.world export --out toy_data --n 2000          # train: t2t/ti2t/t2i/t2ti .jsonl + images/
+  python -m toy.world export --out toy_data --n 200 --split heldout   # evaluation prompts, ti2ti included
   python -m pytest tests/test_world.py -s                     # prints the judges' measured accuracies
 """
 import argparse
@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 from PIL import Image, ImageDraw
 
-from pictures import (CATEGORIES, colour_for, COLOURS, describe, HELDOUT_CATEGORIES, HELDOUT_COLOUR_SHAPE,
+from .pictures import (CATEGORIES, colour_for, COLOURS, describe, HELDOUT_CATEGORIES, HELDOUT_COLOUR_SHAPE,
                       HELDOUT_COUNT_SHAPE, NUMBERS, OPPOSITE, phrase, Picture, place, random_background,
                       random_objects, RELATIONS, render, sample_spec, scene_picture, SCENES, score_image, SHAPES,
                       spec_picture, TRAIN_PAIRS)
@@ -329,7 +329,7 @@ def make_mixture(kind, n, seed, split="train", name_colours=0.0) -> list:
     """n records of one type. split="train": training compositions and phrasings only; "heldout": evaluation
     prompts (held-out compositions where the type has objects to hold out, held-out phrasings). name_colours: the
     share of training t2i object requests that do not name colours rewritten to name the colours drawn (with_colours);
-    0 (the data of the toy model shipped before toy.NAME_COLOURS) leaves every byte as it was."""
+    0 (the data of the toy model shipped before pipeline.NAME_COLOURS) leaves every byte as it was."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if kind == "ti2ti" and split == "train":

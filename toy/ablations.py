@@ -1,13 +1,13 @@
 """
 The paper's ablations, re-run in the toy world. One command each; each writes a figure or a table to runs/ablations/.
 
-  python ablations.py switching      # Figure 7: stage-2 loss with forward switching vs one head over the whole
-                                     #   vocabulary (same data, same steps) -> switching.png + switching.md
-  python ablations.py embeddings     # Section 6.3: stage 2 with vs without the new embedding rows trainable
-                                     #   -> embeddings.png + embeddings.md (loss, GenEval-style score)
-  python ablations.py single-stage   # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
-                                     #   three stages, same total steps -> single_stage.md (understanding kept)
-  python ablations.py all --steps 600
+  python -m toy.ablations switching     # Figure 7: stage-2 loss with forward switching vs one head over the whole
+                                        #   vocabulary (same data, same steps) -> switching.png + switching.md
+  python -m toy.ablations embeddings    # Section 6.3: stage 2 with vs without the new embedding rows trainable
+                                        #   -> embeddings.png + embeddings.md (loss, GenEval-style score)
+  python -m toy.ablations single-stage  # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
+                                        #   three stages, same total steps -> single_stage.md (understanding kept)
+  python -m toy.ablations all --steps 600
 
 Every arm starts from the same point: the shipped toy base (toy/base) and, for the stage-2 ablations, one stage-1
 run made here. Runs are cached in runs/ablations/<arm> (train.py --resume), so a rerun only redoes what is missing.
@@ -22,13 +22,13 @@ import sys
 
 from PIL import Image, ImageDraw
 
-import toy
+from . import pipeline
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "runs", "ablations")
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 # (batch, lr, warmup) of every arm's stage, one batch size for all, so that arms of the same steps see the same number
-# of examples (toy.py's own stage 2 takes smaller batches; the single-stage arm must compare at equal data)
+# of examples (pipeline.py's own stage 2 takes smaller batches; the single-stage arm must compare at equal data)
 ARM = {1: (32, 1e-3, 25), 2: (32, 1.5e-3, 50), 3: (32, 3e-4, 15)}
 
 
@@ -37,9 +37,9 @@ def run(name, stage, start, steps, extra=()):
     out = os.path.join(OUT, name)
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    p = toy.paths()
+    p = pipeline.paths()
     batch, lr, warmup = ARM[stage]
-    cmd = toy.train_cmd(stage, out, steps, batch, lr, min(warmup, steps // 10), toy._data_args(p, stage or 3),
+    cmd = pipeline.train_cmd(stage, out, steps, batch, lr, min(warmup, steps // 10), pipeline._data_args(p, stage or 3),
                         save_every=200)
     cmd += ["--codes", p["codes"], f"--{start[0]}", start[1], *extra]
     print("$ " + " ".join(cmd), flush=True)
@@ -90,14 +90,14 @@ def plot(curves, path, title, ylabel="loss"):
 
 def geneval(run_dir, n):
     """GenEval-style overall of a stage-2 checkpoint (cfg from sample.py's default)."""
-    import eval as ev
+    from . import eval as ev
     import sample
-    model, tok, vq = sample.load(run_dir, vqgan=os.path.join(toy.SHIP, "vqgan"))
+    model, tok, vq = sample.load(run_dir, vqgan=os.path.join(pipeline.SHIP, "vqgan"))
     return ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, 1234)["overall"]
 
 
 def understanding(run_dir, items):
-    import eval as ev
+    from . import eval as ev
     import sample
     model, tok, _ = sample.load(run_dir)
     return ev.eval_understanding(model, tok, items)
@@ -109,7 +109,7 @@ def wohg(*steps):
     out = None
     for i, n in enumerate(steps):
         name = "wohg_" + "_".join(map(str, steps[:i + 1]))
-        out = run(name, i + 1, ("base", os.path.join(toy.SHIP, "base")) if i == 0 else ("init", out), n)
+        out = run(name, i + 1, ("base", os.path.join(pipeline.SHIP, "base")) if i == 0 else ("init", out), n)
     return out
 
 
@@ -166,17 +166,17 @@ def embeddings(steps, n):
 
 
 def single_stage(steps, n):
-    import eval as ev
-    import world
+    from . import eval as ev
+    from . import world
     third = max(steps // 3, 50)
     s3 = wohg(third, third, third)
-    one = run(f"single_stage_{3 * third}", 3, ("base", os.path.join(toy.SHIP, "base")), 3 * third,
+    one = run(f"single_stage_{3 * third}", 3, ("base", os.path.join(pipeline.SHIP, "base")), 3 * third,
               ["--train", "all"])
     items = world.understanding_set(5 * n, 1234)
     import armor
     import sample
-    base = armor.from_internvl(os.path.join(toy.SHIP, "base"), armor=False, verbose=False).eval()
-    _, tok, _ = sample.load(os.path.join(toy.SHIP, "armor"))
+    base = armor.from_internvl(os.path.join(pipeline.SHIP, "base"), armor=False, verbose=False).eval()
+    _, tok, _ = sample.load(os.path.join(pipeline.SHIP, "armor"))
     u0 = ev.eval_understanding(base, tok, items, is_base=True)
     uw, us = understanding(s3, items), understanding(one, items)
     write("single_stage.md",
@@ -192,12 +192,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1000, help="stage-2 steps per arm (single-stage: total steps)")
     ap.add_argument("--n", type=int, default=10, help="prompts per GenEval category / 5x ti2t questions")
     args = ap.parse_args(argv)
-    if not os.path.exists(os.path.join(toy.SHIP, "armor", "config.json")):
-        sys.exit(f"error: the shipped toy world is missing from {toy.SHIP}; run `python toy.py` first")
+    if not os.path.exists(os.path.join(pipeline.SHIP, "armor", "config.json")):
+        sys.exit(f"error: the shipped toy world is missing from {pipeline.SHIP}; run `python -m toy` first")
     os.makedirs(OUT, exist_ok=True)
-    p = toy.paths()
-    toy.make_data(p, toy.N_RECORDS)
-    toy.make_codes(p, os.path.join(toy.SHIP, "vqgan"))
+    p = pipeline.paths()
+    pipeline.make_data(p, pipeline.N_RECORDS)
+    pipeline.make_codes(p, os.path.join(pipeline.SHIP, "vqgan"))
     if args.which in ("switching", "all"):
         switching(args.steps)
     if args.which in ("embeddings", "all"):

@@ -14,11 +14,12 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   9. ship       fp16 copies into toy/ (vqgan, base + tokenizer; armor's matrices as int8 rows): what sample.py and
                 eval.py use by default
 
-  python toy.py                    # everything; rerun after a kill and it continues where it stopped
-  python toy.py --from base        # redo from a step on (drops that step's outputs and the later ones)
-  python toy.py --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
-  python toy.py --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
-  python eval.py                   # then: the measured table of the README
+  python -m toy                    # everything; rerun after a kill and it continues where it stopped
+  python -m toy --from base        # redo from a step on (drops that step's outputs and the later ones)
+  python -m toy --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
+  python -m toy --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
+  python -m toy.eval               # then: the measured table of the README
+  python -m toy prepare --stage 2  # only the data a bare `python train.py --stage 2` reads (toy/stage2.args)
 
 Each step is skipped when its output exists (the code cache only when a sample of its codes matches the VQGAN, so codes
 of another VQGAN are refused with an error); the training steps resume from their own checkpoints (train.py --resume,
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIP = os.path.join(ROOT, "toy")  # committed: toy/vqgan, toy/base (with tokenizer.json), toy/armor
 DATA = os.path.join(ROOT, "toy_data")  # generated, git-ignored
 RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
@@ -57,7 +58,8 @@ VQ_CELL_LOCAL = True
 # drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
 # weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
-# (steps, batch, lr, warmup) per train.py stage. The base trains 800 steps: at 400 it still answered "could you draw
+# (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
+# tests/test_train.py keeps the two equal). The base trains 800 steps: at 400 it still answered "could you draw
 # an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
 # its states, then answered that request in words (README, "The base reads the verb")
 TRAIN = {0: (800, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
@@ -93,33 +95,19 @@ def _data_args(p, stage):
     return [f"{t}={os.path.join(p['data'], f'{name(t)}_train.jsonl')}" for t in STAGE_MIX[stage]]
 
 
-def toy_defaults(stage):
-    """train.py's defaults with no data or model arguments: the toy world's data, and the shipped toy checkpoints as
-    the starting point. The data the stage reads is exported (and its codes cached with the shipped VQGAN) on first
-    use, by one process while any others wait (torchrun starts every rank with the same arguments); a later stage
-    starts from the earlier stage's output when there is one."""
+def prepare(p, stage):
+    """The data of train.py's toy defaults (toy/stage<N>.args), made on first use: the training sets the stage reads,
+    and after stage 0 their codes from the shipped VQGAN. train.py runs it on every rank before it opens the data
+    (--prepare `python -m toy prepare --stage N`): one process prepares while any others wait (torchrun starts
+    every rank with the same arguments)."""
     from data import STAGE_MIX
-    p = paths()
-    if not os.path.exists(os.path.join(SHIP, "armor", "config.json")):
-        raise SystemExit(f"error: the toy checkpoints are missing from {SHIP}; build them with `python toy.py`")
+    if not os.path.exists(os.path.join(p["ship"], "armor", "config.json")):
+        raise SystemExit(f"error: the toy checkpoints are missing from {p['ship']}; build them with `python -m toy`")
     kinds = {t: N_RECORDS[t] for t in STAGE_MIX[stage] if t in N_RECORDS}
     with prepared_once(p["data"]):
         make_data(p, kinds, base_text=stage == 0)
         if stage > 0:
-            make_codes(p, os.path.join(SHIP, "vqgan"))
-    steps, batch, lr, warmup = TRAIN[stage]
-    out = dict(data=_data_args(p, stage), out=os.path.join("out", f"toy_stage{stage}"),
-               steps=steps, batch_size=batch, lr=lr, warmup=warmup)
-    if stage == 0:
-        out.update(preset="toy", tokenizer=os.path.join(SHIP, "base"))
-    else:
-        out["codes"] = p["codes"]
-    if stage == 1:
-        out["base"] = os.path.join(SHIP, "base")
-    elif stage > 1:
-        prev = os.path.join("out", f"toy_stage{stage - 1}")
-        out["init"] = prev if os.path.exists(os.path.join(prev, "config.json")) else os.path.join(SHIP, "armor")
-    return out
+            make_codes(p, os.path.join(p["ship"], "vqgan"))
 
 
 @contextmanager
@@ -147,7 +135,7 @@ def prepared_once(folder):
 
 def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
-    import world
+    from . import world
     os.makedirs(p["data"], exist_ok=True)
     recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
@@ -175,7 +163,7 @@ def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
     the base MLLM's tokenizer, so it reads the sets as world.make_mixture makes them with no recipe option
     (name_colours 0), not the files in --data: a change to ARMOR's drawing data (--name-colours) leaves the tokenizer,
     and with it the base, byte for byte as they were."""
-    import world
+    from . import world
     from tokenizer import Tokenizer
     if os.path.exists(os.path.join(p["tok"], "tokenizer.json")):
         return
@@ -188,8 +176,9 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
 
-    import pictures
     import vqgan
+
+    from . import pictures, vqgan_train
     if os.path.exists(os.path.join(p["vq_run"], "model.safetensors")):
         return
 
@@ -204,7 +193,7 @@ def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_loc
         return torch.stack([vqgan.preprocess(pictures.render(pic), pictures.SIZE) for pic in pics])
 
     cfg = dataclasses.replace(vqgan.VQGANConfig.toy(), cell_local=cell_local)
-    vqgan.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality, device=device)
+    vqgan_train.train_vqgan(cfg, at, steps, out_dir=p["vq_run"], locality=locality, device=device)
 
 
 def make_codes(p, vq_dir, device="cpu"):
@@ -215,7 +204,7 @@ def make_codes(p, vq_dir, device="cpu"):
         if agree < 0.9:
             raise SystemExit(f"error: {p['codes']} holds the codes of another VQGAN: re-encoding its first images "
                              f"with {vq_dir} gives the same code for only {agree:.0%} of their positions. Delete "
-                             f"it (or run `python toy.py --from codes`) to encode the images again.")
+                             f"it (or run `python -m toy --from codes`) to encode the images again.")
         return
     srcs = [os.path.join(p["data"], f"{t}_train.jsonl") for t in ("t2i", "t2ti")]
     srcs = [s for s in srcs if os.path.exists(s)]  # train.py's toy defaults export only what their stage reads
@@ -224,7 +213,7 @@ def make_codes(p, vq_dir, device="cpu"):
 
 def codes_agree(p, model, n=32):
     """Share of code positions on which a complete cache and `model` agree, over the cache's first n images. The
-    weights' fingerprint cannot decide it: toy.py caches with its fp32 VQGAN, train.py's toy defaults with the
+    weights' fingerprint cannot decide it: the pipeline caches with its fp32 VQGAN, train.py's toy defaults with the
     shipped fp16 copy, and both must be accepted, while codes of a retrained VQGAN must not (they trained a
     stage 3 without a warning once: GenEval-style 0.008)."""
     from PIL import Image
@@ -245,7 +234,7 @@ def _cache_complete(p):
 
 
 def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100, device="cpu"):
-    """The train.py command line of one resumable run (toy.py's stages and ablations.py's arms)."""
+    """The train.py command line of one resumable run (the pipeline's stages and ablations.py's arms)."""
     dtype = _amp() if device == "cpu" else "bfloat16"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--stage", str(stage), "--out", out, "--resume",
            "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(warmup),
@@ -302,7 +291,12 @@ STEPS = ("data", "tokenizer", "vqgan", "codes", "base", "stage1", "stage2", "sta
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m toy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", nargs="?", default="build", choices=["build", "prepare"],
+                    help="build: every step below (the default); prepare: only the data of train.py's toy defaults "
+                         "for --stage (what toy/stage<N>.args has train.py run)")
+    ap.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="prepare: the train.py stage")
     ap.add_argument("--data", default=DATA, help="where the generated conversations and code cache go")
     ap.add_argument("--runs", default=RUNS, help="where training outputs go")
     ap.add_argument("--ship", default=SHIP, help="where the shipped checkpoints go")
@@ -319,6 +313,10 @@ def main(argv=None):
                          "(world.with_colours); 0 = the data of the model shipped before")
     args = ap.parse_args(argv)
     p = paths(args.data, args.runs, args.ship)
+    if args.command == "prepare":
+        if args.stage is None:
+            ap.error("prepare needs --stage")
+        return prepare(p, args.stage)
     if args.start:  # forget the outputs of this step and the later ones
         order = {"data": [p["data"]], "tokenizer": [p["tok"]], "vqgan": [p["vq_run"]], "codes": [p["codes"]],
                  "base": [p["base"]], "stage1": [p["stage"][1]], "stage2": [p["stage"][2]],

@@ -1,0 +1,5 @@
+"""`python -m toy ...` runs the toy pipeline (pipeline.py)."""
+
+from .pipeline import main
+
+main()
