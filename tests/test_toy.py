@@ -1,4 +1,4 @@
-"""The toy world as shipped (issue 6): the committed checkpoints load and answer, and the pipeline that made them
+"""The toy world as shipped: the committed checkpoints load and answer, and the pipeline that made them
 runs end to end (at tiny budgets) into a temporary folder, followed by toy/eval.py on its output."""
 
 import json

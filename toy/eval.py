@@ -1,5 +1,5 @@
 """
-Measure the toy world's ARMOR (issue 6): does it draw what it is asked, know when to draw, and still understand?
+Measure the toy world's ARMOR: does it draw what it is asked, know when to draw, and still understand?
 
   python -m toy.eval                              # toy/armor vs toy/base -> one Markdown table, also eval.md
   python -m toy.eval --model runs/toy/stage3 --vqgan runs/toy/vqgan --stages runs/toy/stage1 runs/toy/stage2
