@@ -187,7 +187,8 @@ def single_stage(steps, n):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m toy.ablations", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all"])
     ap.add_argument("--steps", type=int, default=1000, help="stage-2 steps per arm (single-stage: total steps)")
     ap.add_argument("--n", type=int, default=10, help="prompts per GenEval category / 5x ti2t questions")

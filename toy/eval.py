@@ -259,7 +259,8 @@ def fmt(x):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m toy.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="ARMOR checkpoint directory")
     ap.add_argument("--base", help="the base InternVL directory (default: the checkpoint's own base)")
     ap.add_argument("--vqgan", help="VQGAN weights (file or folder), overriding the checkpoint's (a train.py run "

@@ -221,7 +221,8 @@ def context_entropy(model, data, batch=64):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="train the toy VQGAN on a folder of images")
+    ap = argparse.ArgumentParser(prog="python -m toy.vqgan_train",
+                                 description="train the toy VQGAN on a folder of images")
     ap.add_argument("--images", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=2000)

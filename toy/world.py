@@ -495,7 +495,7 @@ def contact_sheet(seed=0) -> Image.Image:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="ARMOR toy world: contact sheet and datasets.")
+    p = argparse.ArgumentParser(prog="python -m toy.world", description="ARMOR toy world: contact sheet and datasets.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="write a contact sheet of scenes and object prompts")
     s.add_argument("--out", required=True)
