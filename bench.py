@@ -188,6 +188,66 @@ def bench_tokenizer(vocab_size):
     return tok
 
 
+def gpu_train_rows(rows, reps=5):
+    """On CUDA, as train.py runs there: bf16 autocast, the frozen base matmuls stored in bf16 (armor.frozen_matmuls),
+    trainable tensors fp32, fused AdamW. A stage-2 t2i step at the 1B shape and the 8B preset, each LLM with
+    ARMOR's additions (no vision tower: t2i data never runs it). Peak memory is what the step held at its highest;
+    MFU is against the bf16 matmul rate measured in the same run."""
+    dev = torch.device("cuda")
+    a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev,
+                                                                                  dtype=torch.bfloat16)
+    peak = 2 * 8192 ** 3 / timeit(lambda: (a @ b, torch.cuda.synchronize()), 10)
+    print(f"{torch.cuda.get_device_name()} | bf16 matmul 8192^3: {peak / 1e12:,.0f} TFLOP/s", flush=True)
+    del a, b
+    for preset, B in (("internvl2_5-1b", 16), ("internvl2_5-8b", 8)):
+        cfg = replace(armor.PRESETS[preset](), vision=VisionConfig(28, 14, 32, 1, 2, 64), tokens_per_tile=0)
+        with torch.device("meta"):
+            model = Armor(cfg)
+        model.to_empty(device=dev)
+        armor.init_weights(model)
+        armor.init_armor(model, seed=0)
+        n = armor.set_trainable(model, stage=2)
+        for p in armor.frozen_matmuls(model):
+            p.data = p.data.to(torch.bfloat16)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        ids, targets, n_img = t2i_batch(cfg, B, 320)
+        ids, targets = ids.to(dev), targets.to(dev)
+        torch.cuda.reset_peak_memory_stats()
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(ids, targets=targets, alpha=0.0, beta=1.0)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+
+        t = timeit(step, reps)
+        flops = stage2_flops_per_step(model, B, 320, n_img)
+        gib = torch.cuda.max_memory_allocated() / 2 ** 30
+        rows.append((f"train stage 2, {preset}, bf16, {B}x320 tokens", f"{B * 320 / t:,.0f} tok/s",
+                     f"{t * 1000:.0f} ms/step", f"MFU {flops / t / peak:.0%}",
+                     f"peak memory {gib:.1f} GiB; {n:,} trainable parameters"))
+        print(" | ".join(rows[-1]), flush=True)
+        del model, opt, ids, targets
+        torch.cuda.empty_cache()
+
+
+def t2i_batch(c, B, T, g=None):
+    """A stage-2 t2i batch: prompt, <imgbos>, h*w codes, <imgend>, <|im_end|>; only the visual head's targets."""
+    hw = c.image_grid ** 2
+    g = g or torch.Generator().manual_seed(0)
+    P = T - hw - 3
+    ids = torch.cat([torch.randint(0, c.llm.vocab_size - 20, (B, P), generator=g),
+                     torch.full((B, 1), c.imgbos_id),
+                     c.code_offset + torch.randint(0, c.num_image_codes, (B, hw), generator=g),
+                     torch.full((B, 1), c.imgend_id), torch.full((B, 1), c.llm.vocab_size - 10)], 1)
+    targets = torch.full_like(ids, -100)
+    targets[:, P - 1:P + hw + 1] = ids[:, P:P + hw + 2]  # <imgbos> -> codes -> <imgend>: the visual head's targets
+    targets[targets <= c.llm.vocab_size] = -100  # stage 2: alpha = 0, only image targets
+    return ids, targets, int((targets > c.llm.vocab_size).sum())
+
+
 def random_1b(dtype):
     """InternVL2.5-1B's LLM (Qwen2.5-0.5B shape, untied head) + ARMOR's additions, random, no vision tower."""
     cfg = armor.PRESETS["internvl2_5-1b"]()
@@ -337,18 +397,7 @@ def train_row(reps, peak, rows, B=1, T=320):
     model.train()
     n = armor.set_trainable(model, stage=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=True)
-    c = model.config
-    hw = c.image_grid ** 2
-    g = torch.Generator().manual_seed(0)
-    P = T - hw - 3  # a t2i sequence: prompt, <imgbos>, h*w codes, <imgend>, <|im_end|>
-    ids = torch.cat([torch.randint(0, c.llm.vocab_size - 20, (B, P), generator=g),
-                     torch.full((B, 1), c.imgbos_id),
-                     c.code_offset + torch.randint(0, c.num_image_codes, (B, hw), generator=g),
-                     torch.full((B, 1), c.imgend_id), torch.full((B, 1), c.llm.vocab_size - 10)], 1)
-    targets = torch.full_like(ids, -100)
-    targets[:, P - 1:P + hw + 1] = ids[:, P:P + hw + 2]  # <imgbos> -> codes -> <imgend>: the visual head's targets
-    targets[targets <= c.llm.vocab_size] = -100  # stage 2: alpha = 0, only image targets
-    n_img = int((targets > c.llm.vocab_size).sum())
+    ids, targets, n_img = t2i_batch(model.config, B, T)
 
     def step():
         out = model(ids, targets=targets, alpha=0.0, beta=1.0)
@@ -389,7 +438,14 @@ def main(argv=None):
     ap.add_argument("--kernels", action="store_true", help="only the decode-kernel table (GB/s of weight read)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every row (default: the count, 1 or "
                                                             "all cores, with the higher measured read bandwidth)")
+    ap.add_argument("--device", default="cpu", help="cpu: every row; cuda: the training rows on the GPU (the GPU's "
+                                                    "decode rows are not written yet)")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        rows = []
+        gpu_train_rows(rows)
+        print_table(rows)
+        return
     n_tok, reps = (12, 2) if args.quick else (32, 3)
     rows = []
     cores = torch.get_num_threads()
