@@ -25,12 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_init_on_the_gpu_equals_the_cpu():
+    """The same base (as loaded from a checkpoint) on both devices: ARMOR's new tensors come out the same."""
+    torch.manual_seed(0)
+    base = armor.Armor(armor.PRESETS["tiny"]())
+    armor.init_weights(base)
     models = {}
     for dev in ("cpu", "cuda"):
-        torch.manual_seed(0)
         with torch.device(dev):
             m = armor.Armor(armor.PRESETS["tiny"]())
-        armor.init_weights(m)
+        m.load_state_dict(base.state_dict())
         armor.init_armor(m, seed=5)
         models[dev] = m
     for (n, a), b in zip(models["cpu"].armor.state_dict().items(), models["cuda"].armor.state_dict().values()):
@@ -60,7 +63,7 @@ def test_training_step_on_the_gpu_with_frozen_bf16_weights():
             out = m(ids.to(dev), targets=targets.to(dev), alpha=0.0, beta=1.0)
         out.loss.backward()
         assert all(p.grad is not None and p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
-        losses[dev] = float(out.loss)
+        losses[dev] = out.loss.item()
     assert torch.isfinite(torch.tensor(losses["cuda"]))
     assert abs(losses["cuda"] - losses["cpu"]) < 0.05 * abs(losses["cpu"])  # bf16 kernels differ by device
 
