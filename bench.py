@@ -233,6 +233,47 @@ def gpu_train_rows(rows, reps=5):
         torch.cuda.empty_cache()
 
 
+def gpu_decode_rows(rows, n_tokens=200, reps=2, dev="cuda"):
+    """On CUDA: greedy decoding at the 1B shape in bf16, sample.generate (its decode steps as CUDA graphs) against
+    transformers' generate on the same tensors, at batch 1, 2 (guidance's two rows) and 8. The bound is the weight
+    bytes one step reads over the copy bandwidth measured in this run. Per-token rates take the difference of a long
+    and a short run, so the prompt's prefill and the graphs' capture drop out."""
+    from data import encode_conversation
+
+    dev = torch.device(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() / timeit(lambda: (b.copy_(a), sync()), 10)  # read + write
+    del a, b
+    model, tok = random_1b(torch.bfloat16)
+    model = model.to(dev)
+    hf = hf_twin(model)
+    nbytes = weight_bytes_per_step(model)
+    print(f"HBM copy {bw / 1e12:.2f} TB/s | 1B-shape bf16 weights read per decode step {nbytes / 1e9:.2f} GB",
+          flush=True)
+    conv = [{"role": "user", "content": PROMPT}]
+    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids], device=dev)
+    for B in (1, 2, 8):
+        x = ids.repeat(B, 1)
+
+        def ours(n):
+            return lambda: (generate(model, tok, [conv] * B, max_new_tokens=n, text=GREEDY, ignore_eos=True), sync())
+
+        def theirs(n):
+            return lambda: (hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False),
+                            sync())
+
+        to_n, to_2 = timeit(ours(n_tokens), reps), timeit(ours(2), reps)
+        th_n, th_1 = timeit(theirs(n_tokens // 4), reps), timeit(theirs(1), reps)
+        ro, rh = B * (n_tokens - 2) / (to_n - to_2), B * (n_tokens // 4 - 1) / (th_n - th_1)
+        bound = B * bw / nbytes
+        rows.append((f"decode 1B-shape bf16 batch {B}", f"{ro:,.0f} tok/s", f"{rh:,.0f} tok/s", f"{ro / rh:.1f}x",
+                     f"bound {bound:,.0f} tok/s ({bw / 1e12:.2f} TB/s): ours {ro / bound:.0%}, HF {rh / bound:.0%}"))
+        print(" | ".join(rows[-1]), flush=True)
+    del model, hf
+
+
 def t2i_batch(c, B, T, g=None):
     """A stage-2 t2i batch: prompt, <imgbos>, h*w codes, <imgend>, <|im_end|>; only the visual head's targets."""
     hw = c.image_grid ** 2
@@ -438,11 +479,11 @@ def main(argv=None):
     ap.add_argument("--kernels", action="store_true", help="only the decode-kernel table (GB/s of weight read)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every row (default: the count, 1 or "
                                                             "all cores, with the higher measured read bandwidth)")
-    ap.add_argument("--device", default="cpu", help="cpu: every row; cuda: the training rows on the GPU (the GPU's "
-                                                    "decode rows are not written yet)")
+    ap.add_argument("--device", default="cpu", help="cpu: every row; cuda: decoding and training on the GPU")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         rows = []
+        gpu_decode_rows(rows)
         gpu_train_rows(rows)
         print_table(rows)
         return

@@ -52,6 +52,7 @@ import torch
 
 from armor import ArmorConfig, CheckpointError, State
 from data import GEN_IMAGE, encode_conversation, make_unconditional
+from graphs import GraphDecoder
 
 DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
 # The guidance scale with the best GenEval-style overall in the toy evaluation's sweep (README table; the sweep uses
@@ -162,8 +163,9 @@ class _Batch:
     writes text they stand still and the columns they missed wait in `lag`; they catch up in one call when an image
     starts."""
 
-    def __init__(self, model, seq, pad, guided):
-        self.model, self.seq, self.guided = model, seq, guided
+    def __init__(self, model, seq, pad, guided, decoder):
+        # decoder: the model itself, or graphs.GraphDecoder (its decode steps as CUDA graphs)
+        self.model, self.seq, self.guided, self.decoder = model, seq, guided, decoder
         self.B, G = len(pad), seq.shape[0]
         self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
         self.cond = _rows(self.state, slice(0, self.B)) if guided else self.state
@@ -193,12 +195,12 @@ class _Batch:
                     lag.clear()
                 model.extend(uncond, self.seq[B:, uncond.length:col])
             state.length = col
-            h = model.extend(state, self.ids_of(nxt * 2))[:B, 0]
+            h = self.decoder.extend(state, self.ids_of(nxt * 2))[:B, 0]
             cond.length = uncond.length = state.length
             return h
         if self.guided:
             lag.append(nxt)
-        return model.extend(cond, self.ids_of(nxt))[:, 0]
+        return self.decoder.extend(cond, self.ids_of(nxt))[:, 0]
 
 
 def _text_biases(model, tok):
@@ -231,7 +233,7 @@ def _sample_text(model, h, rows, trows, budget, biases, s: Sampling, gen):
 def _sample_codes(model, batch, irows, cfg, s: Sampling, gen):
     """The visual head's next codes for the rows irows (those drawing) -> list of code-vocabulary ids. <imgpad> never
     and <imgend> only when forced, so only the codes compete; with guidance logits = u + cfg * (c - u)."""
-    a = model.adapter_catch_up(batch.state)[:, -1]  # (G, d): the adapter over every column it has not seen
+    a = batch.decoder.adapter_catch_up(batch.state)[:, -1]  # (G, d): the adapter over every column it has not seen
     idx = irows + [batch.B + r for r in irows] if batch.guided else irows
     logits = model.image_logits(a[idx])[:, 2:].float()
     if batch.guided:
@@ -286,7 +288,8 @@ def _end_text(r, row: _Row, tok, on_text):
 
 @torch.no_grad()
 def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, text=TEXT_DEFAULT,
-             image=IMAGE_DEFAULT, cfg=1.0, seed=0, on_text=None, on_image=None, ignore_eos=False, stats=None):
+             image=IMAGE_DEFAULT, cfg=1.0, seed=0, on_text=None, on_image=None, ignore_eos=False, stats=None,
+             decoder=None):
     """Answer a batch of conversations, n answers each, in one batch -> list of Answer (conversation-major).
 
     conversations: lists of {"role": "user" | "assistant", "content": str}; user contents may hold `<image>`
@@ -298,12 +301,16 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     on_text(row, piece): streamed text; on_image(row, codes (h, w)): called as soon as an image span ends.
     ignore_eos: do not stop at <|im_end|> (benchmarks: a fixed number of tokens).
     stats: a dict filled with timings and token counts (see print_stats).
+    decoder: what runs the decode steps: None picks graphs.GraphDecoder on CUDA and the model's own methods
+      elsewhere; tests pass the model (the reference) or GraphDecoder(model, graphs=False).
     """
     c, dev = model.config, next(model.parameters()).device
     t0 = time.perf_counter()
     guided = cfg != 1.0
     seq, pad, pixels, L = _prompts(model, tok, conversations, images, n, max_new_tokens, guided)
-    batch = _Batch(model, seq, pad, guided)
+    if decoder is None:  # CUDA graphs where a step's kernel launches cost more than its work
+        decoder = GraphDecoder(model) if dev.type == "cuda" else model
+    batch = _Batch(model, seq, pad, guided, decoder)
     B = batch.B
     biases = _text_biases(model, tok)
     gen = torch.Generator(device=dev).manual_seed(seed)

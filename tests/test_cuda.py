@@ -5,6 +5,7 @@ machine with one, `python -m pytest -m cuda`.
 - ARMOR's new tensors initialised on the GPU equal those initialised on the CPU (the seed decides, not the device).
 - A training forward and backward on the GPU: frozen base matmuls stored in bf16, the trainable tensors fp32, the
   loss finite and equal to the CPU's within bf16 rounding.
+- The decode steps as CUDA graphs (graphs.py) answer as the plain path.
 - `python sample.py "draw an aurora" --device cuda` and `python train.py --stage 2 --steps 2` on the GPU, as a user
   types them, draw a PNG and write a checkpoint that samples.
 """
@@ -80,3 +81,22 @@ def test_the_two_commands_on_the_gpu(tmp_path):
     run("train.py", "--stage", "2", "--steps", "2", "--device", "cuda", "--out", tmp_path / "stage2")
     run("sample.py", "--device", "cuda", "--model", tmp_path / "stage2", "--out", tmp_path / "b", "draw an aurora")
     assert list((tmp_path / "b").glob("*.png"))
+
+
+def test_cuda_graphs_answer_as_the_plain_path():
+    """The decode steps replayed as CUDA graphs give the plain path's greedy answers (fp32, the toy model; text,
+    text then image, image alone; left padding; with guidance)."""
+    import sample
+    from graphs import GraphDecoder
+
+    model, tok, _ = sample.load(REPO / "toy" / "armor", device="cuda")
+    greedy = sample.Sampling(0.0)
+    convs = [[{"role": "user", "content": p}] for p in
+             ("draw an aurora", "How many corners does a square have? Draw two green squares for me.",
+              "what colour is the sky?")]
+    for cfg in (1.0, 1.5):
+        plain = sample.generate(model, tok, convs, text=greedy, image=greedy, cfg=cfg, decoder=model)
+        engine = GraphDecoder(model)
+        graphed = sample.generate(model, tok, convs, text=greedy, image=greedy, cfg=cfg, decoder=engine)
+        assert [a.ids for a in graphed] == [a.ids for a in plain]
+        assert all(step.graph is not None for step in engine.steps.values()) and len(engine.steps) >= 2
