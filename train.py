@@ -554,7 +554,9 @@ def make_optimizer(params, args):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     betas = tuple(float(b) for b in args.adam_betas.split(","))
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas)
+    # on a GPU the fused kernel updates every tensor in a few launches (the same update up to rounding)
+    fused = all(p.is_cuda for p in params) or None
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=betas, fused=fused)
 
 
 @dataclass
