@@ -134,6 +134,9 @@ def parse_args(argv=None):
         if not os.path.exists(path):
             raise UsageError(f"no --data / --base / --init given, and the toy world's defaults that would supply them "
                              f"({path}) are not here; pass a model (--base or --init) and data (--data TYPE=PATH)")
+        root = os.path.dirname(os.path.dirname(path))
+        if os.path.realpath(os.getcwd()) != os.path.realpath(root):  # its paths and `python -m toy` are root-relative
+            raise UsageError(f"the toy world's defaults ({path}) are read from the repository root: cd {root}")
         args = ap.parse_args(["@" + path] + list(sys.argv[1:] if argv is None else argv))
     args.alpha = STAGE_LOSS[args.stage][0] if args.alpha is None else args.alpha
     args.beta = STAGE_LOSS[args.stage][1] if args.beta is None else args.beta

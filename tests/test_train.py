@@ -396,6 +396,9 @@ def test_toy_defaults_fill_in_a_bare_command(world, tmp_path, monkeypatch):
         train.parse_args(["--stage", "2"])
     (tmp_path / "stage2.args").write_text(f"# comment lines and blank ones are skipped\n--stage=2\n--init=toy/stage1\n"
                                           f"\n--data=t2i={world}/t2i.jsonl\n--codes=toy/codes\n--steps=7\n")
+    with pytest.raises(train.UsageError, match="read from the repository root: cd "):
+        train.parse_args(["--stage", "2"])  # from another folder the file's relative paths would point elsewhere
+    monkeypatch.chdir(tmp_path.parent)  # the "repository root" of these defaults
     args = train.parse_args(["--stage", "2", "--steps", "9"])  # the command line still wins
     assert (args.init, args.steps, args.beta, args.cfg_drop, args.out) == ("toy/stage1", 9, 1.0, 0.1, "out/stage2")
     assert args.data == [f"t2i={world}/t2i.jsonl"] and args.codes == "toy/codes"
