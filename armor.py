@@ -291,21 +291,6 @@ def rms_norm(x, weight, eps):
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-_EPS = {}
-
-
-def rms_norm_step(x, weight, eps):
-    """rms_norm for the decode fast path, equal up to rounding, in 5 kernel calls where rms_norm makes 7 (F.rms_norm's
-    pow, sum, div, add, rsqrt, mul, then the weight): at a decode step's few rows each call costs more than its work.
-    The sum of squares comes from one vector_norm, mean + eps from one addcmul; bf16 adds the same casts."""
-    key = (eps, x.device)
-    if key not in _EPS:
-        _EPS[key] = torch.tensor(eps, device=x.device)
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-    y = x * torch.addcmul(_EPS[key], n, n, value=1 / x.shape[-1]).rsqrt_()  # fp32 (x's dtype promotes)
-    return weight * (y if y.dtype == x.dtype else y.to(x.dtype))
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -368,108 +353,6 @@ def attention(q, k, v, mask=None, causal=False):
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Decoding fast path (CPU). A decode step multiplies a few rows by every weight once, so its time is the time to read
-# the weights, and nn.Linear reads them slowly at these shapes. `python bench.py --kernels` measures it (GB/s of weight
-# read, 1-2 rows, 2 threads; the range of two runs on the 2-core EPYC, whose figures move between runs):
-#   fp32, 1B shape (150 MB of weights): F.linear 6-14, the weight as two row halves in one torch.bmm 27-34
-#   fp32, toy shape (14 MB):            F.linear 12-30, two bmm row halves 21-35
-#   bf16, 1B shape, one row:  F.linear (oneDNN) 15, ATen's own GEMV (oneDNN switched off for the call) 31-37
-#   bf16, 1B shape, two rows: F.linear 15-18, the weight prepacked for oneDNN (torch.ops.mkldnn; the kernel
-#   torch.compile's CPU backend uses) 22-25; two bmm row halves 10-11 at either
-# So decode steps (one new token per row, no grad, CPU) send every matmul through `fast_linear`, with small groups
-# stacked into one call (q|k|v, gate|up; every group of a toy-sized model). The stacked / packed weights are a second
-# copy of the LLM's and adapter's weights (big fp32 groups go per module, as views: no copy; a bf16 weight's
-# oneDNN-prepacked copy is made only once a step has two rows), made by `refresh_fast` when a State is created and
-# kept until a weight changes; `model.fast_decode = False` goes without. Beyond the weights, a small model's step is
-# mostly per-call overhead (at a few rows each kernel call costs more than its work), so the norms go through
-# rms_norm_step, a step's few ids are checked in Python (few_ids) and Block.step makes as few calls as it can.
-
-_ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
-    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class FastWeights(dict):
-    """(nn.Linear, ...) -> (stamp, [(kind, out_features, weight as used, bias) per matmul]). Never copied or pickled."""
-
-    def __deepcopy__(self, memo):
-        return FastWeights()
-
-    def __reduce__(self):
-        return (FastWeights, ())
-
-
-def _pack(linears):
-    """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
-    one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
-    kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others become two
-    row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
-    ws = [m.weight.detach() for m in linears]
-    bs = [None if m.bias is None else m.bias.detach() for m in linears]
-    cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
-    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
-        w = cat(ws)
-        return [("bf16", w.shape[0], [w, None], cat(bs))]
-    parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
-    out = []
-    for w, b in parts:
-        n, k = w.shape
-        if n % 2:
-            w, b = torch.cat([w, w.new_zeros(1, k)]), None if b is None else torch.cat([b, b.new_zeros(1)])
-        out.append(("halves", n, w.view(2, -1, k), None if b is None else b.view(2, -1, 1)))  # bias as bmm's output
-    return out
-
-
-def refresh_fast(fast, groups):
-    """(Re)build the entries of `fast` whose weights changed since they were made (training, .to(), loading)."""
-    for g in groups:
-        # nn.Linear has no submodules, so its own _parameters are all of them (parameters() costs microseconds)
-        stamp = tuple((p.data_ptr(), p._version, p.dtype) for m in g for p in m._parameters.values() if p is not None)
-        if fast.get(g, (None,))[0] != stamp:
-            fast[g] = (stamp, _pack(g))
-
-
-def fast_linear(fast, linears, x):
-    """x (..., d) through the weights of `linears`, stacked -> (..., sum of their out_features)."""
-    parts = fast[linears][1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y = _mm(x2, *parts[0]) if len(parts) == 1 else torch.cat([_mm(x2, *p) for p in parts], -1)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _mm(x, kind, n, w, b):
-    """x (M, K) @ the packed weight -> (M, n)."""
-    if kind == "bf16":
-        if x.shape[0] == 1:
-            return aten_linear(x, w[0], b)
-        if w[1] is None:
-            w[1] = torch.ops.mkldnn._reorder_linear_weight(w[0], 1)
-        return torch.ops.mkldnn._linear_pointwise(x, w[1], b, "none", [], "")
-    M, xT = x.shape[0], x.T.expand(2, -1, -1)
-    y = torch.bmm(w, xT) if b is None else torch.baddbmm(b, w, xT)  # (2, N/2, M): one half of the rows per thread
-    y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N), column-strided when M > 1
-    y = y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
-    return y if M == 1 else y.contiguous()  # row-major, as F.linear's: see test_fast_linear_rows_come_out_row_major
-
-
-def aten_linear(x, w, b=None):
-    """F.linear with oneDNN off, so that one bf16 row goes through ATen's own GEMV (fp32 sums, one rounding, as
-    oneDNN's), which reads the weight faster than oneDNN's product does (see the note above). The switch is
-    process-wide: an op another thread runs meanwhile goes without oneDNN too (slower, equal up to rounding)."""
-    on = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.linear(x, w, b)
-    finally:
-        torch._C._set_mkldnn_enabled(on)
-
-
-def fast_groups(blocks):
-    """The fast_linear groups of a stack of Blocks."""
-    return [g for b in blocks for g in ((b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
-                                        (b.self_attn.o_proj,), (b.mlp.gate_proj, b.mlp.up_proj), (b.mlp.down_proj,))]
 
 
 class KVCache:
@@ -552,28 +435,6 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def step(self, x, kv, cos, sin, keep, fast):
-        """The forward of one new token per row, with the fewest kernel calls (a decode step's time on CPU is mostly
-        per-call overhead and weight reads): x (B, d); kv (2, B, n_kv, S, hd) this layer's keys and values up to and
-        including the new column; cos, sin (B, 1, hd) with sin's first half negated (see step_blocks); keep
-        (B, 1, 1, S) False at padded columns, or None. One matmul for q|k|v and one for gate|up (fast_linear), and one
-        SDPA call for the attention, GQA without repeated keys: the g query heads that read one kv head go in as g
-        queries of one sequence (no causal mask: each sees every column)."""
-        a, m, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
-        qkv = fast_linear(fast, (a.q_proj, a.k_proj, a.v_proj), rms_norm_step(x, n1.weight, n1.eps))
-        qkv = qkv.view(B, nh + 2 * nkv, hd)
-        qk = qkv[:, :nh + nkv]
-        # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
-        torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
-        kv[:, :, :, -1] = qkv[:, nh:].view(B, 2, nkv, hd).transpose(0, 1)  # the new column: keys, values in one copy
-        q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # query head i reads kv head i // g
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=keep).view(B, nh * hd)
-        x = x + fast_linear(fast, (a.o_proj,), y)
-        g, u = fast_linear(fast, (m.gate_proj, m.up_proj), rms_norm_step(x, n2.weight, n2.eps)).chunk(2, dim=-1)
-        return x + fast_linear(fast, (m.down_proj,), F.silu(g) * u)
-
-
 @dataclass
 class Ctx:
     """Per-call attention context shared by every block of a stack."""
@@ -582,7 +443,6 @@ class Ctx:
     mask: torch.Tensor | None = None  # (B, 1, T, S) bool, True = may attend
     causal: bool = False
     layer: int = 0
-    fast: FastWeights | None = None  # set for decode steps on CPU (see fast_linear)
 
 
 def make_ctx(B, T, start, pad, cache, device):
@@ -603,8 +463,6 @@ def make_ctx(B, T, start, pad, cache, device):
 
 
 def run_blocks(blocks, x, rope, ctx, grad_ckpt=False):
-    if ctx.fast is not None:
-        return step_blocks(blocks, x, rope, ctx)
     for i, block in enumerate(blocks):
         ctx.layer = i
         if grad_ckpt and torch.is_grad_enabled():
@@ -612,31 +470,6 @@ def run_blocks(blocks, x, rope, ctx, grad_ckpt=False):
         else:
             x = block(x, rope, ctx)
     return x
-
-
-_SIGNS = {}
-
-
-def _rope_sign(t):
-    """(-1, ..., -1, 1, ..., 1) over t's last dimension, in t's dtype and device (made once)."""
-    key = (t.shape[-1], t.dtype, t.device)
-    if key not in _SIGNS:
-        _SIGNS[key] = torch.ones(t.shape[-1], dtype=t.dtype, device=t.device)
-        _SIGNS[key][:t.shape[-1] // 2] = -1
-    return _SIGNS[key]
-
-
-def step_blocks(blocks, x, rope, ctx):
-    """A decode step (x (B, 1, d), one new token per row, ctx.fast set) through Block.step. What every layer shares
-    is made once here: the RoPE tables and this step's view of the cache (the padding mask comes from make_ctx)."""
-    B = x.shape[0]
-    cos, sin = (r.view(B, 1, -1) for r in rope)  # (B, 1, hd)
-    sin = sin * _rope_sign(sin)  # [-sin, sin] on the two halves, for Block.step's roll
-    kv = ctx.cache.kv[..., :ctx.start + 1, :]  # (layers, 2, B, n_kv, S, hd)
-    x = x[:, 0]
-    for i, block in enumerate(blocks):
-        x = block.step(x, kv[i], cos, sin, ctx.mask, ctx.fast)  # mask (B, 1, 1, S) or None
-    return x[:, None]
 
 
 class TextModel(nn.Module):
@@ -656,11 +489,6 @@ class CausalLM(nn.Module):
 
 # -----------------------------------------------------------------------------------------------------------------
 # InternVL2.5: the base MLLM (upstream: modeling_internvl_chat.py, InternVLChatModel).
-
-
-def few_ids(ids):
-    """A decode step's few token ids as a Python list, else None: checks on them then cost no kernel calls."""
-    return ids.reshape(-1).tolist() if ids.numel() <= 64 else None
 
 
 @dataclass
@@ -687,8 +515,6 @@ class InternVL(nn.Module):
         self.language_model = CausalLM(config.llm)
         self.rotary = Rotary(config.llm)
         self.grad_ckpt = False
-        self.fast_weights = FastWeights()  # decode-step weights (see fast_linear), filled by new_state on CPU
-        self.fast_decode = True  # False: decode steps use the modules as they are (no packed copy)
 
     def extract_feature(self, pixels):
         """(N tiles, 3, S, S) -> (N, tokens_per_tile, d)."""
@@ -700,14 +526,13 @@ class InternVL(nn.Module):
 
     def embed(self, ids, pixels=None):
         x = self.language_model.model.embed_tokens(ids)  # (B, T, d)
-        return self._splice(ids, x, pixels, few_ids(ids))
+        return self._splice(ids, x, pixels)
 
-    def _splice(self, ids, x, pixels, few):
-        """Overwrite the <IMG_CONTEXT> rows with the image features, in order (tile 0 token 0 ... last tile). few:
-        few_ids(ids)."""
+    def _splice(self, ids, x, pixels):
+        """Overwrite the <IMG_CONTEXT> rows with the image features, in order (tile 0 token 0 ... last tile)."""
         ctx_id = self.config.img_context_id
         if pixels is None or len(pixels) == 0:
-            if ctx_id in few if few is not None else bool((ids == ctx_id).any()):
+            if bool((ids == ctx_id).any()):
                 raise ValueError(f"{int((ids == ctx_id).sum())} <IMG_CONTEXT> tokens but no pixel_values")
             return x
         where = ids == ctx_id
@@ -730,30 +555,11 @@ class InternVL(nn.Module):
         pos = self.positions(B, start, T, pad, x.device)
         rope = self.rotary(pos, start + T, x.dtype)
         ctx = make_ctx(B, T, start, pad, cache, x.device)
-        ctx.fast = self._fast(x, T, cache)
         return run_blocks(blocks, x, rope, ctx, self.grad_ckpt)
 
     def decode(self, x, start=0, pad=None, cache=None):
         """Run the LLM's decoder layers on embeddings x (B, T, d); returns the last layer's output (pre-norm)."""
         return self.run_stack(self.language_model.model.layers, x, start, pad, cache)
-
-    def _fast(self, x, T, cache):
-        """The fast-path weights for a decode step (one token per row, cached, no grad, CPU), else None."""
-        ok = T == 1 and cache is not None and x.device.type == "cpu" and not torch.is_grad_enabled()
-        return self.fast_weights if ok and self.fast_decode and self.fast_weights else None
-
-    def fast_groups(self):
-        lm = self.language_model
-        return fast_groups(lm.model.layers) + [(lm.lm_head,)]
-
-    def _head(self, norm, group, h):
-        """norm(h) through the stacked weights of a group of heads -> (..., sum of their out_features). A decode
-        step's few rows (no grad, CPU) go through the fast path: rms_norm_step and fast_linear."""
-        if not self.fast_decode or h.device.type != "cpu" or torch.is_grad_enabled() or h.numel() > 64 * h.shape[-1]:
-            h = norm(h)
-            return group[0](h) if len(group) == 1 else torch.cat([m(h) for m in group], dim=-1)
-        refresh_fast(self.fast_weights, [group])
-        return fast_linear(self.fast_weights, group, rms_norm_step(h, norm.weight, norm.eps))
 
     def forward(self, ids, pixels=None, targets=None):
         """Base MLLM forward (next-token targets aligned with ids, -100 = ignore) -> (logits, loss)."""
@@ -769,8 +575,6 @@ class InternVL(nn.Module):
         p = next(self.parameters())
         dtype, device, c = dtype or p.dtype, device or p.device, self.config.llm
         pad = None if pad is None or not bool(pad.any()) else pad.to(device)  # None: no row padded (fewer kernels)
-        if self.fast_decode and device.type == "cpu":  # the weights must not change while this state is decoded
-            refresh_fast(self.fast_weights, self.fast_groups())
         return State(KVCache(c.num_layers, B, c.num_kv_heads, max_len, c.head_dim, dtype, device), pad)
 
     def extend(self, state: State, ids, pixels=None):
@@ -782,7 +586,7 @@ class InternVL(nn.Module):
         return h
 
     def text_logits(self, h):
-        return self._head(self.language_model.model.norm, (self.language_model.lm_head,), h)
+        return self.language_model.lm_head(self.language_model.model.norm(h))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -827,30 +631,28 @@ class Armor(InternVL):
 
     # --- embeddings: frozen original rows + trainable new rows ("unified embedding") ---------------------------
     def embed(self, ids, pixels=None):
-        V, few = self.config.llm.vocab_size, few_ids(ids)
-        if max(few, default=0) < V if few is not None else not bool((ids >= V).any()):
-            return self._splice(ids, self.language_model.model.embed_tokens(ids), pixels, few)
+        V = self.config.llm.vocab_size
+        if not bool((ids >= V).any()):
+            return self._splice(ids, self.language_model.model.embed_tokens(ids), pixels)
         new = ids >= V  # image codes and the three specials come from the new rows
         x = self.language_model.model.embed_tokens(ids.clamp(max=V - 1))
         x = torch.where(new[..., None], self.armor.embed_new((ids - V).clamp(min=0)), x)
-        return self._splice(ids, x, pixels, few)
+        return self._splice(ids, x, pixels)
 
     # --- the two heads ---------------------------------------------------------------------------------------------
     def text_logits(self, h):
         """Text head on decoder outputs (..., d) -> (..., V + 1): the original LM head + the <imgbos> row."""
-        return self._head(self.language_model.model.norm, (self.language_model.lm_head, self.armor.imgbos_head), h)
+        h = self.language_model.model.norm(h)
+        return torch.cat([self.language_model.lm_head(h), self.armor.imgbos_head(h)], dim=-1)
 
     def adapt(self, h, start=0, pad=None, cache=None):
         """The adapter on decoder outputs h (B, T, d) -> (B, T, d), the visual head's input (before its norm). It
         reads the decoder's output at the same positions (same RoPE), with a causal KV cache of its own (Figure 3)."""
         return self.run_stack(self.armor.adapter, h, start, pad, cache)
 
-    def fast_groups(self):
-        return super().fast_groups()[:-1] + fast_groups(self.armor.adapter)
-
     def image_logits(self, a):
         """Visual head on adapter outputs (..., d) -> (..., K + 2): <imgend>, <imgpad>, codes."""
-        return self._head(self.armor.adapter_norm, (self.armor.visual_head,), a)
+        return self.armor.visual_head(self.armor.adapter_norm(a))
 
     def forward(self, ids, pixels=None, targets=None, alpha=1.0, beta=1.0, n_text=None, n_img=None):
         """Training / scoring forward. targets (B, T) are next-token ids aligned with ids (-100 = no target).

@@ -3,7 +3,7 @@ Speed of ARMOR's generation and training, each row measured side by side in one 
 
   python bench.py             # the full table (about 5 minutes on 2 CPU cores)
   python bench.py --quick     # fewer tokens and repeats (about 2 minutes)
-  python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs armor's fast path
+  python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs engine.py's
 
 Rows:
   decode      tokens/s of sample.generate vs transformers' Qwen2ForCausalLM.generate on the same weights (an
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import armor
+import engine
 from armor import Armor, InternVL, VisionConfig
 from sample import DEFAULT_CFG, DEFAULT_TOY, Sampling, generate
 
@@ -99,7 +100,7 @@ class ReadProbe:
 
 
 def decode_probe(threads):
-    """Weight GB/s of one-row products through 16 bf16 4864 x 896 weights (140 MB, past the caches), on armor's
+    """Weight GB/s of one-row products through 16 bf16 4864 x 896 weights (140 MB, past the caches), on engine.py's
     decode path, at a thread count."""
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -107,38 +108,38 @@ def decode_probe(threads):
     for m in lins:
         m.weight.requires_grad_(False).normal_(0, 0.02)  # not left uninitialised: denormals crawl
     lins = [m.to(torch.bfloat16) for m in lins]
-    fast = armor.FastWeights()
-    armor.refresh_fast(fast, [(m,) for m in lins])
+    fast = {}
+    engine.refresh(fast, [(m,) for m in lins])
     x = torch.randn(1, 896, dtype=torch.bfloat16)
-    t = timeit(lambda: [armor.fast_linear(fast, (m,), x) for m in lins], 5)
+    t = timeit(lambda: [engine.fast_linear(fast, (m,), x) for m in lins], 5)
     torch.set_num_threads(n)
     return 16 * 4864 * 896 * 2 / t
 
 
-# The decoder's weight shapes per layer (q|k|v, o, gate|up, down) and the text head, as armor.py's decode path groups
+# The decoder's weight shapes per layer (q|k|v, o, gate|up, down) and the text head, as engine.py's decode path groups
 # them: the 1B shape (Qwen2.5-0.5B, 3 layers' worth: 150 MB in fp32, past the caches) and the toy (every layer).
 KERNEL_SHAPES = {"1B-shape": [(1152, 896), (896, 896), (9728, 896), (896, 4864)] * 3 + [(151675, 896)],
                  "toy": [(512, 256), (256, 256), (1536, 256), (256, 768)] * 4 + [(1025, 256)]}
 
 
 def kernel_rows(reps, rows):
-    """GB/s of weight read by decode-shaped products: F.linear against armor's fast path (fast_linear: fp32 as two
+    """GB/s of weight read by decode-shaped products: F.linear against engine.py's (fast_linear: fp32 as two
     bmm row halves; bf16 through ATen's GEMV at one row, prepacked for oneDNN at more) and, for reference, the fp32
     path's kernel on the same bf16 weights."""
     for name, shapes in KERNEL_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             lins = [torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False) for n, k in shapes]
             nbytes = sum(m.weight.numel() * m.weight.element_size() for m in lins)
-            fast = armor.FastWeights()
-            armor.refresh_fast(fast, [(m,) for m in lins])
+            fast = {}
+            engine.refresh(fast, [(m,) for m in lins])
             # the fp32 path's kernel on bf16 weights, for reference (even row counts only: no padded copy)
             halves = [m.weight.view(2, -1, m.in_features) for m in lins if m.out_features % 2 == 0]
             for M in (1, 2):
                 xs = {k: torch.randn(M, k, dtype=dtype) for _, k in shapes}
                 fns = [lambda: [F.linear(xs[m.in_features], m.weight) for m in lins],
-                       lambda: [armor.fast_linear(fast, (m,), xs[m.in_features]) for m in lins]]
+                       lambda: [engine.fast_linear(fast, (m,), xs[m.in_features]) for m in lins]]
                 if dtype == torch.bfloat16:
-                    fns.append(lambda: [armor._mm(xs[w.shape[2]], "halves", 2 * w.shape[1], w, None) for w in halves])
+                    fns.append(lambda: [engine._mm(xs[w.shape[2]], "halves", 2 * w.shape[1], w, None) for w in halves])
                 ts = side_by_side(fns, reps)
                 gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9]
                 if len(ts) > 2:

@@ -145,3 +145,10 @@ class GraphDecoder:
         out = self._step("adapter", state)(state.adapter_length)
         state.adapter_length += 1
         return out
+
+    # the heads as the model runs them (sample.generate asks its decoder for them too: engine.py's has its own)
+    def text_logits(self, h):
+        return self.model.text_logits(h)
+
+    def image_logits(self, a):
+        return self.model.image_logits(a)

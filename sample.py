@@ -20,9 +20,9 @@ never runs it). Inside an image span the visual head may only emit codes, exactl
 forced; <imgbos> is masked when the remaining budget cannot hold a whole image. Classifier-free guidance on image
 tokens: the unconditional rows (data.make_unconditional, the form training's condition dropout uses) sit in the same
 batch, are fed the same sampled tokens, and are themselves caught up lazily when their row's batch starts an image.
-On CPU the decode steps run armor.py's fast path (prepacked / stacked weights, see fast_linear); bench.py measures
-it against transformers' generate. At the end the CLI prints time to first token, text and image tokens/s, seconds
-per image and peak memory (model loading is reported apart).
+On CPU the decode steps run through engine.py (prepacked / stacked weights, fewer kernel calls; decoder=model takes the
+model's plain path, to the same tokens); bench.py measures it against transformers' generate. At the end the CLI prints
+time to first token, text and image tokens/s, seconds per image and peak memory (model loading is reported apart).
 
 Checkpoints load through load_armor (train.py --init too): the tokenizer comes from the checkpoint directory when it
 holds tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model), else from the base directory its
@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+import engine
 from armor import ArmorConfig, CheckpointError, State
 from data import GEN_IMAGE, encode_conversation, make_unconditional
 from graphs import GraphDecoder
@@ -164,7 +165,7 @@ class _Batch:
     starts."""
 
     def __init__(self, model, seq, pad, guided, decoder):
-        # decoder: the model itself, or graphs.GraphDecoder (its decode steps as CUDA graphs)
+        # decoder: the model itself, engine.CpuDecoder or graphs.GraphDecoder (its decode steps as CUDA graphs)
         self.model, self.seq, self.guided, self.decoder = model, seq, guided, decoder
         self.B, G = len(pad), seq.shape[0]
         self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
@@ -217,14 +218,14 @@ def _text_biases(model, tok):
     return text_bias, no_room
 
 
-def _sample_text(model, h, rows, trows, budget, biases, s: Sampling, gen):
+def _sample_text(model, decoder, h, rows, trows, budget, biases, s: Sampling, gen):
     """The text head's next ids for the rows trows (those writing text) -> list."""
     c = model.config
     V, hw = c.llm.vocab_size, c.image_grid ** 2
     # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
     short = [i for i, r in enumerate(trows) if budget - len(rows[r].ids) < hw + 2]
     bias = biases[1] if len(short) == len(trows) else biases[0]
-    logits = model.text_logits(h if len(trows) == len(rows) else h[trows]) + bias  # float32, as bias is
+    logits = decoder.text_logits(h if len(trows) == len(rows) else h[trows]) + bias  # float32, as bias is
     if 0 < len(short) < len(trows):
         logits[short, V] = float("-inf")
     return sample_token(logits, s, gen).tolist()
@@ -235,7 +236,7 @@ def _sample_codes(model, batch, irows, cfg, s: Sampling, gen):
     and <imgend> only when forced, so only the codes compete; with guidance logits = u + cfg * (c - u)."""
     a = batch.decoder.adapter_catch_up(batch.state)[:, -1]  # (G, d): the adapter over every column it has not seen
     idx = irows + [batch.B + r for r in irows] if batch.guided else irows
-    logits = model.image_logits(a[idx])[:, 2:].float()
+    logits = batch.decoder.image_logits(a[idx])[:, 2:].float()
     if batch.guided:
         k = len(irows)
         logits = logits[k:] + cfg * (logits[:k] - logits[k:])
@@ -301,15 +302,16 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     on_text(row, piece): streamed text; on_image(row, codes (h, w)): called as soon as an image span ends.
     ignore_eos: do not stop at <|im_end|> (benchmarks: a fixed number of tokens).
     stats: a dict filled with timings and token counts (see print_stats).
-    decoder: what runs the decode steps: None picks graphs.GraphDecoder on CUDA and the model's own methods
-      elsewhere; tests pass the model (the reference) or GraphDecoder(model, graphs=False).
+    decoder: what runs the decode steps (extend, adapter_catch_up, text_logits, image_logits): None picks
+      graphs.GraphDecoder on CUDA and engine.CpuDecoder elsewhere; tests pass the model (the reference),
+      engine.decoder(model) or GraphDecoder(model, graphs=False).
     """
     c, dev = model.config, next(model.parameters()).device
     t0 = time.perf_counter()
     guided = cfg != 1.0
     seq, pad, pixels, L = _prompts(model, tok, conversations, images, n, max_new_tokens, guided)
-    if decoder is None:  # CUDA graphs where a step's kernel launches cost more than its work
-        decoder = GraphDecoder(model) if dev.type == "cuda" else model
+    if decoder is None:  # CUDA graphs or CPU kernels where a step's kernel calls cost more than its work
+        decoder = GraphDecoder(model) if dev.type == "cuda" else engine.decoder(model)
     batch = _Batch(model, seq, pad, guided, decoder)
     B = batch.B
     biases = _text_biases(model, tok)
@@ -327,7 +329,8 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
         trows = [r for r, row in enumerate(rows) if not row.done and row.mode == TEXT]
         irows = [r for r, row in enumerate(rows) if not row.done and row.mode == IMAGE]
         if trows:  # text head over [0, V] (V = <imgbos>)
-            for r, t in zip(trows, _sample_text(model, h, rows, trows, max_new_tokens, biases, text, gen)):
+            for r, t in zip(trows, _sample_text(model, batch.decoder, h, rows, trows, max_new_tokens, biases, text,
+                                                gen)):
                 nxt[r] = t
         if irows:
             for r, t in zip(irows, _sample_codes(model, batch, irows, cfg, image, gen)):
@@ -519,11 +522,9 @@ def load(path, base=None, vqgan=None, device="cpu", dtype=torch.float32):
 
 
 def _ready(model, device):
-    from armor import refresh_fast
-
     model.eval()
-    if model.fast_decode and torch.device(device).type == "cpu":  # pack the decode weights now, not in the first answer
-        refresh_fast(model.fast_weights, model.fast_groups())
+    if torch.device(device).type == "cpu":  # pack the decode weights now, not in the first answer
+        engine.decoder(model).refresh()
     return model
 
 

@@ -99,24 +99,15 @@ def assert_matches_full(model, ids, text, img, pixels=None, atol=ATOL):
 
 
 class CallCounter:
-    """Counts forward calls of a set of modules, and Block.step calls (a cached decode step on CPU takes that path
-    instead of forward). Hooks stay on: each test builds its own model."""
+    """Counts forward calls of a set of modules. Hooks stay on: each test builds its own model."""
 
     def __init__(self, modules):
         self.n = 0
         for m in modules:
             m.register_forward_hook(self.hook)
-            if isinstance(m, armor.Block):
-                m.step = self.counted(m.step)
 
     def hook(self, *args):
         self.n += 1
-
-    def counted(self, fn):
-        def call(*args):
-            self.n += 1
-            return fn(*args)
-        return call
 
 
 # --- parameter counts ------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ whole context. Checked:
 - cfg = 1 gives the same tokens as no guidance, also through the guided code path; same seed -> same answer;
   a batch (n answers x conversations) equals the single runs (greedy).
 - A text-only answer never runs the adapter, with guidance on too; a guided image fills the unconditional rows once.
-- armor.py's decode fast path (packed / stacked weights) equals the module path, fp32 and bf16, one and two rows, and
-  follows in-place weight changes.
+- The KV cache folds rows and heads into one batch axis without copies. (engine.py's decode path against the model's
+  plain one: tests/test_engine.py.)
 - The CLI writes the HTML page and PNGs for t2t, t2i, t2ti and ti2ti; --chat keeps generated images in the history.
 """
 
@@ -253,14 +253,16 @@ def test_back_to_back_images_stop_where_the_budget_does(tok):
 
 
 def test_text_only_answer_never_runs_the_adapter(tok):
+    # decoder=m: every call goes to the model's own methods, where the spies sit (engine.py's decoder hands the same
+    # calls to the same methods or to its own kernels: tests/test_engine.py)
     c = tiny_config(tok)
     m = planted(tok, route(tok, c, "t2t"), seed=6)
-    calls, adapt = [], m.adapt  # every adapter run goes through adapt (module forwards and decode steps alike)
+    calls, adapt = [], m.adapt  # every adapter run of the plain path goes through adapt
     m.adapt = lambda *a, **k: calls.append(1) or adapt(*a, **k)
     seen = []
     ext = m.extend
     m.extend = lambda state, ids, pixels=None: seen.append(ids.shape) or ext(state, ids, pixels)
-    (a,) = generate(m, tok, [ask("what colour is the sky?")], max_new_tokens=30, text=GREEDY, cfg=3.0)
+    (a,) = generate(m, tok, [ask("what colour is the sky?")], max_new_tokens=30, text=GREEDY, cfg=3.0, decoder=m)
     assert a.ids == [A, X, tok.im_end] and a.finished and a.segments == [tok.decode([A, X])]
     assert calls == [] and all(s[0] == 1 for s in seen)  # no adapter, and the unconditional row never ran
     # with an image the unconditional row catches up once, in one call over the prompt and the text so far
@@ -268,129 +270,13 @@ def test_text_only_answer_never_runs_the_adapter(tok):
     ext2, seen2, calls2, adapt2 = m2.extend, [], [], m2.adapt
     m2.extend = lambda state, ids, pixels=None: seen2.append(tuple(ids.shape)) or ext2(state, ids, pixels)
     m2.adapt = lambda *a, **k: calls2.append(1) or adapt2(*a, **k)
-    generate(m2, tok, [ask("what colour is the sky?")], max_new_tokens=40, text=GREEDY, cfg=3.0)
+    generate(m2, tok, [ask("what colour is the sky?")], max_new_tokens=40, text=GREEDY, cfg=3.0, decoder=m2)
     assert len(calls2) > 1  # the spy sees the adapter: the catch-up, then the image's decode steps
     L = len(encode_conversation(tok, c, ask("what colour is the sky?"), add_generation_prompt=True).ids)
     assert seen2[:4] == [(1, L), (1, 1), (1, L + 1), (2, 1)]  # prefill, "Sure", catch-up to <imgbos>, both rows
 
 
-# --- armor.py's decode fast path (packed / stacked weights, see fast_linear) -------------------------------------
-
-
-@torch.no_grad()
-def decode_steps(m, ids, steps, B):
-    """Prefill + greedy steps through extend / text_logits / adapter_catch_up / image_logits -> all outputs."""
-    state = m.new_state(B, ids.shape[1] + steps, pad=torch.tensor([0, 2][:B]))
-    h = m.extend(state, ids[:B])[:, -1]
-    outs = []
-    for _ in range(steps):
-        lg = m.text_logits(h)
-        img = m.image_logits(m.adapter_catch_up(state)[:, -1])
-        outs += [lg, img]
-        h = m.extend(state, lg.argmax(-1, keepdim=True))[:, 0]
-    return outs
-
-
-@pytest.mark.parametrize("dtype, B", [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 1),
-                                      (torch.bfloat16, 2)])
-def test_fast_decode_equals_module_path(tok, dtype, B):
-    # a 1-layer model wide enough (512 x 4352 MLP) that gate and up go as two matmuls (a big group needs no stacked
-    # copy); fp32 weights as two row halves in one bmm (the text head, V + 1 rows, padded to an even count), bf16
-    # weights prepacked for oneDNN. The module path (fast_decode = False) is the reference.
-    cfg = tiny_config(tok)
-    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=512, num_layers=1, num_heads=8,
-                                                           num_kv_heads=2, intermediate_size=4352))
-    torch.manual_seed(0)
-    m = Armor(cfg).eval()
-    armor.init_weights(m, std=0.05)
-    armor.init_armor(m, seed=0)
-    m = m.to(dtype)
-    ids = torch.randint(0, 250, (2, 9))
-    fast = decode_steps(m, ids, 4, B)
-    packed = [p for e in m.fast_weights.values() for p in e[1]]
-    assert {k for k, *_ in packed} == ({"halves"} if dtype == torch.float32 else {"bf16"})
-    if dtype == torch.float32:
-        assert any(n % 2 for _, n, *_ in packed) and any(len(e[1]) == 2 for e in m.fast_weights.values())
-    m.fast_decode = False
-    plain = decode_steps(m, ids, 4, B)
-    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: another kernel's rounding, outputs of size ~1
-    for a, b in zip(fast, plain):
-        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_linear_rows_come_out_row_major(dtype):
-    # Layouts carry through the elementwise ops that follow: a column-strided (M, N) output of the row-halves bmm
-    # made the next matmul's input column-strided too, a layout MKL's bmm runs much slower (toy decode at batch 2).
-    torch.manual_seed(0)
-    lins = tuple(torch.nn.Linear(64, n, bias=b).to(dtype).requires_grad_(False) for n, b in ((48, True), (37, True)))
-    fast = armor.FastWeights()
-    armor.refresh_fast(fast, [lins])
-    for M in (1, 2, 3):
-        x = torch.randn(M, 64, dtype=dtype)
-        y = armor.fast_linear(fast, lins, x)
-        ref = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in lins], -1)
-        assert y.shape == (M, 85) and y.is_contiguous()
-        assert torch.allclose(y.float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
-
-
-@pytest.mark.skipif(not armor._ONEDNN_BF16, reason="no oneDNN bf16 kernels on this CPU (bf16 then goes as fp32's)")
-def test_bf16_one_row_goes_through_aten_and_prepacks_only_for_more_rows():
-    # One row: ATen's GEMV on the plain weight (oneDNN switched off around the call, and back on after it, even when
-    # the call fails); the oneDNN-prepacked copy is made only when a call has two rows or more.
-    torch.manual_seed(0)
-    lins = tuple(torch.nn.Linear(96, n, bias=b).bfloat16().requires_grad_(False) for n, b in ((64, True), (33, True)))
-    fast = armor.FastWeights()
-    armor.refresh_fast(fast, [lins])
-    (kind, n, w, b), = fast[lins][1]
-    assert kind == "bf16" and n == 97 and w[1] is None
-    x = torch.randn(1, 96, dtype=torch.bfloat16)
-    ref = torch.nn.functional.linear(x.float(), w[0].float(), b.float())
-    y = armor.fast_linear(fast, lins, x)
-    assert w[1] is None and torch._C._get_mkldnn_enabled()
-    assert (y.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()  # one bf16 rounding of fp32 sums
-    with pytest.raises(RuntimeError):
-        armor.aten_linear(torch.randn(1, 95, dtype=torch.bfloat16), w[0])
-    assert torch._C._get_mkldnn_enabled()
-    y2 = armor.fast_linear(fast, lins, torch.cat([x, x]))
-    assert w[1] is not None and torch.equal(y2[0], y2[1])
-    assert (y2[0].float() - ref[0]).abs().max() <= 2 ** -7 * ref.abs().max()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_step_equals_rms_norm(dtype):
-    # The decode path's norm (vector_norm + addcmul) against the released form (F.rms_norm): rows of every scale,
-    # down to where eps dominates and an all-zero row, and a width whose 1/d is inexact in binary.
-    torch.manual_seed(0)
-    d, eps = 896, 1e-6
-    x = torch.randn(6, d) * torch.tensor([1e3, 10.0, 1.0, 1e-2, 1e-4, 0.0])[:, None]
-    x, w = x.to(dtype), (1 + torch.randn(d)).to(dtype)
-    ref, got = armor.rms_norm(x, w, eps), armor.rms_norm_step(x, w, eps)
-    assert got.dtype == ref.dtype == dtype and got.shape == ref.shape
-    ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -8  # one unit in the last place, relative
-    assert ((got.float() - ref.float()).abs() <= 4 * ulp * ref.float().abs()).all()
-    assert got[-1].eq(0).all() and ref[4].float().abs().max() < 0.2 * ref[2].float().abs().max()  # eps counted
-
-
-def test_decode_step_embedding_checks_ids_in_python(tok):
-    # A few ids (a decode step) are checked as a Python list, more with tensor ops: both give the same rows, and
-    # both refuse <IMG_CONTEXT> without pixels.
-    cfg = tiny_config(tok)
-    torch.manual_seed(0)
-    m = Armor(cfg).eval()
-    armor.init_weights(m, std=0.05)
-    armor.init_armor(m, seed=0)
-    V = cfg.llm.vocab_size
-    ids = torch.tensor([[5, cfg.imgbos_id, cfg.code_offset + 3, 7, cfg.imgend_id]])
-    long = torch.cat([ids, torch.randint(0, 250, (1, 80))], 1)
-    with torch.no_grad():
-        for few in (ids, ids[:, :1], ids[:, 1:3]):
-            assert torch.equal(m.embed(few), m.embed(torch.cat([few, long], 1))[:, :few.shape[1]])
-        assert not torch.equal(m.embed(ids[:, 1:2]), m.language_model.model.embed_tokens(ids[:, 1:2].clamp(max=V - 1)))
-        ctx = torch.tensor([[cfg.img_context_id]])
-        for bad in (torch.cat([ids[:, :1], ctx], 1), torch.cat([long, ctx], 1)):
-            with pytest.raises(ValueError, match="1 <IMG_CONTEXT> tokens but no pixel_values"):
-                m.embed(bad)
+# --- the KV cache -----------------------------------------------------------------------------------------------
 
 
 def test_kv_cache_folds_rows_and_heads_without_copies():
@@ -405,22 +291,6 @@ def test_kv_cache_folds_rows_and_heads_without_copies():
     cache.update(1, 0, torch.ones(4, 2, 3, 8), torch.full((4, 2, 3, 8), 2.0))
     kv = cache.kv[1]  # layer 1: keys, then values
     assert kv[0, :, :, :3].eq(1).all() and kv[1, :, :, :3].eq(2).all() and kv[:, :, :, 3:].eq(0).all()
-
-
-def test_fast_weights_follow_weight_changes(tok):
-    m = planted(tok, route(tok, tiny_config(tok), "free"), seed=9)
-    conv = [ask("draw a red circle")]
-    kw = dict(max_new_tokens=30, text=GREEDY, image=GREEDY)
-    before = generate(m, tok, conv, **kw)[0].ids
-    with torch.no_grad():  # an in-place update, as an optimizer step makes: the packed copies must be rebuilt
-        for b in m.language_model.model.layers:
-            b.mlp.up_proj.weight.mul_(-3.0)
-        m.armor.visual_head.weight.mul_(-1.0)
-    after = generate(m, tok, conv, **kw)[0].ids
-    m.fast_decode = False
-    assert after == generate(m, tok, conv, **kw)[0].ids != before
-    twin = __import__("copy").deepcopy(m)  # derived weights are never copied along
-    assert len(twin.fast_weights) == 0 and len(m.fast_weights) > 0
 
 
 def test_sample_token_filters():
