@@ -18,9 +18,10 @@ and at a toy model's size the calls cost more than their work. This file runs th
   by a roll, one SDPA call per layer with GQA folded into the query axis (`block_step`);
 - a step's few token ids checked as a Python list.
 The stacked / packed weights (a second copy of small groups; big fp32 groups are used in place) are made when a state
-is created and kept until a weight changes (`refresh`). Everything else (a prefill, an image, grad enabled, another
-device) goes to the model's own methods, so the engine gives the same answers wherever it runs: exactly in fp32 (up to
-summation order), within bf16 rounding in bf16 (tests/test_engine.py). python bench.py measures it, figures/bench.txt.
+is created and kept until a weight changes (`refresh`). Everything else (a prefill, input images, grad enabled, another
+device) goes to the model's own methods. In fp32 the engine's logits equal the plain path's up to summation order (the
+same greedy tokens), in bf16 within bf16 rounding (tests/test_engine.py). python bench.py measures it
+(figures/bench.txt).
 
 The engine uses private torch entry points (torch.ops.mkldnn, torch._C._set_mkldnn_enabled): that is why it lives
 here and not in the model.
