@@ -76,8 +76,8 @@ def side_by_side(fns, reps):
 
 
 class ReadProbe:
-    """Two reads of 1 GiB of random fp32 (far past the caches): a sum, and the decode path's fp32 product
-    (fast_linear's two bmm row halves, 896 columns, one row); the bound takes the faster. Each decode row times them
+    """Two reads of 1 GiB of random fp32 (far past the caches): a sum, and a one-row fp32 product (the weight as two
+    row halves in one torch.bmm, 896 columns); the bound takes the faster. Each decode row times them
     interleaved with its own runs (side_by_side), because this machine's read bandwidth drifts: within one run the
     rows read 35 to 60 GB/s (figures/bench.txt), and a bound read once at start-up was beaten (114%)."""
 
@@ -123,28 +123,28 @@ KERNEL_SHAPES = {"1B-shape": [(1152, 896), (896, 896), (9728, 896), (896, 4864)]
 
 
 def kernel_rows(reps, rows):
-    """GB/s of weight read by decode-shaped products: F.linear against engine.py's (fast_linear: fp32 as two
-    bmm row halves; bf16 through ATen's GEMV at one row, prepacked for oneDNN at more) and, for reference, the fp32
-    path's kernel on the same bf16 weights."""
+    """GB/s of weight read by decode-shaped products: F.linear against engine.py's (fast_linear: bf16 through ATen's
+    GEMV at one row, prepacked for oneDNN at more; fp32 through F.linear itself) and, for reference, the weight as two
+    row halves in one torch.bmm on the same bf16 weights."""
     for name, shapes in KERNEL_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             lins = [torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False) for n, k in shapes]
             nbytes = sum(m.weight.numel() * m.weight.element_size() for m in lins)
             fast = {}
             engine.refresh(fast, [(m,) for m in lins])
-            # the fp32 path's kernel on bf16 weights, for reference (even row counts only: no padded copy)
+            # two bmm row halves on bf16 weights, for reference (even row counts only: no padded copy)
             halves = [m.weight.view(2, -1, m.in_features) for m in lins if m.out_features % 2 == 0]
             for M in (1, 2):
                 xs = {k: torch.randn(M, k, dtype=dtype) for _, k in shapes}
                 fns = [lambda: [F.linear(xs[m.in_features], m.weight) for m in lins],
                        lambda: [engine.fast_linear(fast, (m,), xs[m.in_features]) for m in lins]]
                 if dtype == torch.bfloat16:
-                    fns.append(lambda: [engine._mm(xs[w.shape[2]], "halves", 2 * w.shape[1], w, None) for w in halves])
+                    fns.append(lambda: [torch.bmm(w, xs[w.shape[2]].T.expand(2, -1, -1)) for w in halves])
                 ts = side_by_side(fns, reps)
                 gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9]
                 if len(ts) > 2:
                     gbs.append(sum(w.numel() * w.element_size() for w in halves) / ts[2] / 1e9)
-                kind = "two bmm row halves" if dtype == torch.float32 else "ATen GEMV" if M == 1 else "oneDNN prepacked"
+                kind = "F.linear" if dtype == torch.float32 else "ATen GEMV" if M == 1 else "oneDNN prepacked"
                 note = f"F.linear {gbs[0]:.1f} GB/s" + (f"; two bmm row halves on bf16 {gbs[2]:.1f} GB/s"
                                                         if len(gbs) > 2 else "")
                 rows.append((f"kernel {name} {str(dtype)[6:]} {M} row(s)", f"{gbs[1]:.1f} GB/s ({kind})",

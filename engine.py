@@ -9,11 +9,12 @@ The decode engine: ARMOR's generation steps on CPU, fast, beside the readable mo
 
 armor.py has one decode path: Block.forward with the pre-allocated KV cache and SDPA. On CPU a decode step (one new
 token per row, a few rows) multiplies a few rows by every weight once, so its time is the time to read the weights,
-plus the per-call overhead of the many small kernels a step makes. nn.Linear reads weights slowly at these shapes,
-and at a toy model's size the calls cost more than their work. This file runs the same step with:
+plus the per-call overhead of the many small kernels a step makes. nn.Linear reads bf16 weights slowly at these
+shapes (oneDNN's product), and at a toy model's size the calls cost more than their work. This file runs the same step
+with:
 - every matmul through `fast_linear`, small groups stacked into one call (q|k|v, gate|up; every group of a toy-sized
-  model): fp32 weights as two row halves in one torch.bmm (one half per thread), bf16 weights through ATen's own GEMV
-  for one row and oneDNN's prepacked kernel (the one torch.compile's CPU backend uses) for more;
+  model): bf16 weights through ATen's own GEMV for one row and oneDNN's prepacked kernel (the one torch.compile's CPU
+  backend uses) for more, fp32 weights through F.linear;
 - the norms through `rms_norm_step` (5 kernel calls where F.rms_norm's decomposition makes 7), RoPE written in place
   by a roll, one SDPA call per layer with GQA folded into the query axis (`block_step`);
 - a step's few token ids checked as a Python list.
@@ -60,8 +61,8 @@ def rms_norm_step(x, weight, eps):
 def pack(linears):
     """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
     one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
-    kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others become two
-    row halves (2, N/2, K) for torch.bmm, padded with a zero row when N is odd."""
+    kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others go through
+    F.linear."""
     ws = [m.weight.detach() for m in linears]
     bs = [None if m.bias is None else m.bias.detach() for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
@@ -69,13 +70,7 @@ def pack(linears):
         w = cat(ws)
         return [("bf16", w.shape[0], [w, None], cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
-    out = []
-    for w, b in parts:
-        n, k = w.shape
-        if n % 2:
-            w, b = torch.cat([w, w.new_zeros(1, k)]), None if b is None else torch.cat([b, b.new_zeros(1)])
-        out.append(("halves", n, w.view(2, -1, k), None if b is None else b.view(2, -1, 1)))  # bias as bmm's output
-    return out
+    return [("linear", w.shape[0], w, b) for w, b in parts]
 
 
 def refresh(packs, groups):
@@ -104,11 +99,7 @@ def _mm(x, kind, n, w, b):
         if w[1] is None:
             w[1] = torch.ops.mkldnn._reorder_linear_weight(w[0], 1)
         return torch.ops.mkldnn._linear_pointwise(x, w[1], b, "none", [], "")
-    M, xT = x.shape[0], x.T.expand(2, -1, -1)
-    y = torch.bmm(w, xT) if b is None else torch.baddbmm(b, w, xT)  # (2, N/2, M): one half of the rows per thread
-    y = y.view(1, -1) if M == 1 else y.permute(2, 0, 1).reshape(M, -1)  # (M, N), column-strided when M > 1
-    y = y if y.shape[1] == n else y[:, :n]  # without the zero row of an odd N
-    return y if M == 1 else y.contiguous()  # row-major, as F.linear's: see test_fast_linear_rows_come_out_row_major
+    return F.linear(x, w, b)
 
 
 def aten_linear(x, w, b=None):

@@ -4,12 +4,12 @@ engine.py: the CPU decode engine against the model's plain decode path (armor.py
   python -m pytest tests/test_engine.py -q
 
 - sample.generate through the engine gives the same greedy tokens as through the model alone (decoder=model), fp32:
-  text only, text -> image -> text, CFG, a left-padded batch of two conversations x two answers, and the shipped toy model;
-  and the engine really ran its decode steps (the spy counts them).
+  text only, text -> image -> text, CFG, a left-padded batch of two conversations x two answers, and the shipped toy
+  model; and the engine really ran its decode steps (the spy counts them).
 - bf16 (and fp32) decode steps: the engine's logits equal the plain path's within a stated tolerance, one and two rows,
-  with big groups split (no stacked copy) and an odd head width (padded row halves).
-- The kernels: fast_linear comes out row-major and equals F.linear; bf16 one row goes through ATen's GEMV with oneDNN
-  switched back on afterwards, the prepacked copy only for more rows; rms_norm_step equals rms_norm to a few ulps.
+  with big groups split (no stacked copy).
+- The kernels: fast_linear equals F.linear on stacked groups, row-major; bf16 one row goes through ATen's GEMV with
+  oneDNN switched back on afterwards, the prepacked copy only for more rows; rms_norm_step equals rms_norm to a few ulps.
 - A decode step's ids checked in Python embed as model.embed does, and <IMG_CONTEXT> without pixels is refused.
 - The packed weights follow in-place weight changes and are not copied along with the model.
 """
@@ -105,8 +105,7 @@ def decode_steps(model, m, ids, steps, B):
                                       (torch.bfloat16, 2)])
 def test_engine_decode_steps_equal_plain_path(tok, steps, dtype, B):
     # a 1-layer model wide enough (512 x 4352 MLP) that gate and up go as two matmuls (a big group needs no stacked
-    # copy); fp32 weights as two row halves in one bmm (the text head, V + 1 rows, padded to an even count), bf16
-    # weights prepacked for oneDNN (where the CPU has its bf16 kernels).
+    # copy); bf16 weights prepacked for oneDNN (where the CPU has its bf16 kernels), fp32 ones through F.linear.
     cfg = tiny_config(tok)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=512, num_layers=1, num_heads=8,
                                                            num_kv_heads=2, intermediate_size=4352))
@@ -120,10 +119,10 @@ def test_engine_decode_steps_equal_plain_path(tok, steps, dtype, B):
     fast = decode_steps(m, dec, ids, 4, B)
     assert steps == {"llm": 4, "adapter": 3}  # the first catch-up covers the prompt: the model's own
     packed = [p for e in dec.packs.values() for p in e[1]]
-    want = {"bf16"} if dtype == torch.bfloat16 and engine._ONEDNN_BF16 else {"halves"}
+    want = {"bf16"} if dtype == torch.bfloat16 and engine._ONEDNN_BF16 else {"linear"}
     assert {k for k, *_ in packed} == want
-    if want == {"halves"}:
-        assert any(n % 2 for _, n, *_ in packed) and any(len(e[1]) == 2 for e in dec.packs.values())
+    if want == {"linear"}:
+        assert any(len(e[1]) == 2 for e in dec.packs.values())
     plain = decode_steps(m, m, ids, 4, B)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: another kernel's rounding, outputs of size ~1
     for a, b in zip(fast, plain):
@@ -134,9 +133,8 @@ def test_engine_decode_steps_equal_plain_path(tok, steps, dtype, B):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_linear_rows_come_out_row_major(dtype):
-    # Layouts carry through the elementwise ops that follow: a column-strided (M, N) output of the row-halves bmm
-    # made the next matmul's input column-strided too, a layout MKL's bmm runs much slower (toy decode at batch 2).
+def test_fast_linear_equals_f_linear_row_major(dtype):
+    # A stacked group with biases, an odd total width; row-major outputs, as the elementwise ops that follow expect.
     torch.manual_seed(0)
     lins = tuple(torch.nn.Linear(64, n, bias=b).to(dtype).requires_grad_(False) for n, b in ((48, True), (37, True)))
     packs = {}
