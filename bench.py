@@ -123,8 +123,8 @@ KERNEL_SHAPES = {"1B-shape": [(1152, 896), (896, 896), (9728, 896), (896, 4864)]
 
 
 def kernel_rows(reps, rows):
-    """GB/s of weight read by decode-shaped products: F.linear against engine.py's (fast_linear: bf16 through ATen's
-    GEMV at one row, prepacked for oneDNN at more; fp32 through F.linear itself) and, for reference, the weight as two
+    """GB/s of weight read by decode-shaped products: F.linear against engine.py's (fast_linear: bf16 prepacked
+    for oneDNN; fp32 through F.linear itself) and, for reference, the weight as two
     row halves in one torch.bmm on the same bf16 weights."""
     for name, shapes in KERNEL_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
@@ -144,7 +144,7 @@ def kernel_rows(reps, rows):
                 gbs = [nbytes / ts[0] / 1e9, nbytes / ts[1] / 1e9]
                 if len(ts) > 2:
                     gbs.append(sum(w.numel() * w.element_size() for w in halves) / ts[2] / 1e9)
-                kind = "F.linear" if dtype == torch.float32 else "ATen GEMV" if M == 1 else "oneDNN prepacked"
+                kind = "F.linear" if dtype == torch.float32 else "oneDNN prepacked"
                 note = f"F.linear {gbs[0]:.1f} GB/s" + (f"; two bmm row halves on bf16 {gbs[2]:.1f} GB/s"
                                                         if len(gbs) > 2 else "")
                 rows.append((f"kernel {name} {str(dtype)[6:]} {M} row(s)", f"{gbs[1]:.1f} GB/s ({kind})",

@@ -13,8 +13,8 @@ plus the per-call overhead of the many small kernels a step makes. nn.Linear rea
 shapes (oneDNN's product), and at a toy model's size the calls cost more than their work. This file runs the same step
 with:
 - every matmul through `fast_linear`, small groups stacked into one call (q|k|v, gate|up; every group of a toy-sized
-  model): bf16 weights through ATen's own GEMV for one row and oneDNN's prepacked kernel (the one torch.compile's CPU
-  backend uses) for more, fp32 weights through F.linear;
+  model): bf16 weights prepacked for oneDNN's linear kernel (the one torch.compile's CPU backend uses), fp32 weights
+  through F.linear;
 - the norms through `rms_norm_step` (5 kernel calls where F.rms_norm's decomposition makes 7), RoPE written in place
   by a roll, one SDPA call per layer with GQA folded into the query axis (`block_step`);
 - a step's few token ids checked as a Python list.
@@ -24,8 +24,7 @@ device) goes to the model's own methods. In fp32 the engine's logits equal the p
 same greedy tokens), in bf16 within bf16 rounding (tests/test_engine.py). python bench.py measures it
 (figures/bench.txt).
 
-The engine uses private torch entry points (torch.ops.mkldnn, torch._C._set_mkldnn_enabled): that is why it lives
-here and not in the model.
+The engine uses private torch entry points (torch.ops.mkldnn): that is one reason it lives here and not in the model.
 """
 
 import weakref
@@ -61,14 +60,13 @@ def rms_norm_step(x, weight, eps):
 def pack(linears):
     """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
     one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
-    kept as [weight, its oneDNN-prepacked copy, made by the first call with more than one row]; the others go through
-    F.linear."""
+    stacked and prepacked for oneDNN (a copy in its own layout); the others go through F.linear."""
     ws = [m.weight.detach() for m in linears]
     bs = [None if m.bias is None else m.bias.detach() for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
     if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
         w = cat(ws)
-        return [("bf16", w.shape[0], [w, None], cat(bs))]
+        return [("bf16", w.shape[0], torch.ops.mkldnn._reorder_linear_weight(w, 1), cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
     return [("linear", w.shape[0], w, b) for w, b in parts]
 
@@ -94,24 +92,8 @@ def fast_linear(packs, linears, x):
 def _mm(x, kind, n, w, b):
     """x (M, K) @ the packed weight -> (M, n)."""
     if kind == "bf16":
-        if x.shape[0] == 1:
-            return aten_linear(x, w[0], b)
-        if w[1] is None:
-            w[1] = torch.ops.mkldnn._reorder_linear_weight(w[0], 1)
-        return torch.ops.mkldnn._linear_pointwise(x, w[1], b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
-
-
-def aten_linear(x, w, b=None):
-    """F.linear with oneDNN off, so that one bf16 row goes through ATen's own GEMV (fp32 sums, one rounding, as
-    oneDNN's), which reads the weight faster than oneDNN's product does. The switch is process-wide: an op another
-    thread runs meanwhile goes without oneDNN too (slower, equal up to rounding)."""
-    on = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.linear(x, w, b)
-    finally:
-        torch._C._set_mkldnn_enabled(on)
 
 
 def linear_groups(blocks):
