@@ -407,11 +407,12 @@ def text_only_row(name, model, tok, n_tokens, reps, rows):
 
     def plain(n):
         @torch.no_grad()
-        def run():
+        def run():  # through the same decode engine as sample.generate's
+            dec = engine.decoder(bare)
             state = bare.new_state(1, ids.shape[1] + n)
-            h = bare.extend(state, ids)[:, -1]
+            h = dec.extend(state, ids)[:, -1]
             for _ in range(n - 1):
-                h = bare.extend(state, bare.text_logits(h).argmax(-1)[:, None])[:, 0]
+                h = dec.extend(state, dec.text_logits(h).argmax(-1)[:, None])[:, 0]
         return run
 
     def ours(n):
