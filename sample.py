@@ -53,7 +53,6 @@ import torch
 import engine
 from armor import ArmorConfig, CheckpointError, State
 from data import GEN_IMAGE, encode_conversation, make_unconditional
-from graphs import GraphDecoder
 
 DEFAULT_TOY = Path(__file__).resolve().parent / "toy" / "armor"
 # The guidance scale with the best GenEval-style overall in the toy evaluation's sweep (README table; the sweep uses
@@ -165,7 +164,7 @@ class _Batch:
     starts."""
 
     def __init__(self, model, seq, pad, guided, decoder):
-        # decoder: the model itself, engine.CpuDecoder or graphs.GraphDecoder (its decode steps as CUDA graphs)
+        # decoder: the model itself, engine.CpuDecoder or engine.GraphDecoder (its decode steps as CUDA graphs)
         self.model, self.seq, self.guided, self.decoder = model, seq, guided, decoder
         self.B, G = len(pad), seq.shape[0]
         self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
@@ -303,15 +302,15 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     ignore_eos: do not stop at <|im_end|> (benchmarks: a fixed number of tokens).
     stats: a dict filled with timings and token counts (see print_stats).
     decoder: what runs the decode steps (extend, adapter_catch_up, text_logits, image_logits): None picks
-      graphs.GraphDecoder on CUDA and engine.CpuDecoder elsewhere; tests pass the model (the reference),
-      engine.decoder(model) or GraphDecoder(model, graphs=False).
+      engine.GraphDecoder on CUDA and engine.CpuDecoder elsewhere; tests pass the model (the reference),
+      engine.decoder(model) or engine.GraphDecoder(model, graphs=False).
     """
     c, dev = model.config, next(model.parameters()).device
     t0 = time.perf_counter()
     guided = cfg != 1.0
     seq, pad, pixels, L = _prompts(model, tok, conversations, images, n, max_new_tokens, guided)
     if decoder is None:  # CUDA graphs or CPU kernels where a step's kernel calls cost more than its work
-        decoder = GraphDecoder(model) if dev.type == "cuda" else engine.decoder(model)
+        decoder = engine.decoder(model)
     batch = _Batch(model, seq, pad, guided, decoder)
     B = batch.B
     biases = _text_biases(model, tok)

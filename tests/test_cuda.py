@@ -5,7 +5,7 @@ machine with one, `python -m pytest -m cuda`.
 - ARMOR's new tensors initialised on the GPU equal those initialised on the CPU (the seed decides, not the device).
 - A training forward and backward on the GPU: frozen base matmuls stored in bf16, the trainable tensors fp32, the
   loss finite and equal to the CPU's within bf16 rounding.
-- The decode steps as CUDA graphs (graphs.py) answer as the plain path.
+- The decode steps as CUDA graphs (engine.py) answer as the plain path.
 - `python sample.py "draw an aurora" --device cuda` and `python train.py --stage 2 --steps 2` on the GPU, as a user
   types them, draw a PNG and write a checkpoint that samples.
 """
@@ -87,7 +87,7 @@ def test_cuda_graphs_answer_as_the_plain_path():
     """The decode steps replayed as CUDA graphs give the plain path's greedy answers (fp32, the toy model; text,
     text then image, image alone; left padding; with guidance)."""
     import sample
-    from graphs import GraphDecoder
+    from engine import GraphDecoder
 
     model, tok, _ = sample.load(REPO / "toy" / "armor", device="cuda")
     greedy = sample.Sampling(0.0)

@@ -1,9 +1,9 @@
 """
-graphs.py's static decode steps (what CUDA graphs capture) against armor.py's plain cached decoding, run eagerly on
+engine.py's static decode steps (what CUDA graphs capture) against armor.py's plain cached decoding, run eagerly on
 the CPU: the same greedy answers from the shipped toy model, and the same decoder outputs on tiny random models of
 both LLM layouts, with left padding and grouped-query attention.
 
-  python -m pytest tests/test_graphs.py -q
+  python -m pytest tests/test_engine.py -q
 """
 
 from pathlib import Path
@@ -14,7 +14,7 @@ import torch
 import armor
 import sample
 from conftest import randomize
-from graphs import GraphDecoder
+from engine import GraphDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = Path(__file__).resolve().parent.parent / "toy" / "armor"
