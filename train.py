@@ -121,6 +121,9 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="output directory (default out/stage<N>)")
     s.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    s.add_argument("--snapshot-every", type=int, default=0,
+                   help="also save the model every N steps into <out>/step<N> (for a curve of scores against "
+                        "training compute; 0: only at the end)")
     s.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt (a fresh start if none)")
     return ap
 
@@ -155,6 +158,8 @@ def parse_args(argv=None):
                          ", ".join("--" + f.replace("_", "-") for f in ARMOR_FIELDS) + " are for new runs (--base)")
     if not args.data:
         raise UsageError("no training data: give --data TYPE=PATH (repeatable)")
+    if args.snapshot_every < 0:
+        raise UsageError("--snapshot-every must be 0 (off) or a number of steps")
     for name in ("steps", "batch_size", "grad_accum", "max_len", "save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -729,6 +734,9 @@ def train(args, ddp, rank, world, device, master, log):
                      metrics_path if master else None, log)
             if master and (stopping or run.step % args.save_every == 0 or run.step == args.steps):
                 write_checkpoint(ckpt_path, run, model, opt, args, stream.global_batch)
+            if master and args.snapshot_every and run.step % args.snapshot_every == 0 and run.step < args.steps:
+                snapshot = argparse.Namespace(**{**vars(args), "out": os.path.join(args.out, f"step{run.step}")})
+                save_final(model, snapshot, tok, tok_dir, base_dir, codes, log)
             if stopping:
                 signum = stop[0] if stop else signal.SIGTERM  # SIGTERM: the signal went to another rank
                 log(f"stopped by {signal.Signals(signum).name} after step {run.step}; {ckpt_path} saved: rerun the "

@@ -260,6 +260,19 @@ def test_each_stage_trains_exactly_its_set(world, capsys):
         before, init = loaded, ["--init", str(out)]
 
 
+def test_snapshots_are_the_model_at_their_step(world):
+    """--snapshot-every saves <out>/step<N>: with a constant learning rate (min-lr = lr), the step-2 snapshot of a
+    4-step run is the final model of a 2-step run."""
+    init = ["--base", str(world / "base"), "--num-adapter-layers", "1", "--min-lr", "1e-2", *data_args(world)]
+    long, short = world / "snap_long", world / "snap_short"
+    last = train.main(quick(world, long, 2, *init, "--steps", "4", "--snapshot-every", "2"))
+    train.main(quick(world, short, 2, *init, "--steps", "2"))
+    snap, two = (armor.from_pretrained(str(d), verbose=False).state_dict() for d in (long / "step2", short))
+    assert all(torch.equal(v, two[k]) for k, v in snap.items())
+    assert not all(torch.equal(v, snap[k]) for k, v in last.state_dict().items())  # the run went on after it
+    assert not (long / "step4").exists()  # the last step is the run's own output
+
+
 def test_stage0_trains_the_whole_base(world):
     torch.manual_seed(0)  # train.py builds the model after the same seeding
     out = world / "stage0"
@@ -416,6 +429,7 @@ def test_the_toy_args_files_are_the_pipelines_settings(monkeypatch):
     for stage in range(4):
         args = train.parse_args(["--stage", str(stage)])
         assert (args.steps, args.batch_size, args.lr, args.warmup) == pipeline.TRAIN[stage]
+        assert args.mix == pipeline.MIX.get(stage)
         data = [f"{k}={os.path.abspath(v)}" for k, v in (d.split("=", 1) for d in args.data)]
         assert data == pipeline._data_args(p, stage)
         assert args.prepare == f"python -m toy prepare --stage {stage}" and args.out == f"out/toy_stage{stage}"

@@ -250,9 +250,13 @@ def test_eval_sets_and_scorers():
         assert world.score_answer(item["spec"], item["answer"]) and "<image>" in item["prompt"]
         dets = pictures.detect(item["image"])
         assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets])
+    # the unseen-phrasing prompts: every one in a held-out template, none in a training one, the same categories
+    unseen, templates = world.geneval_prompts(4, seed=0, phrasing="unseen"), _heldout_template_patterns()
+    assert Counter(p["category"] for p in unseen) == {c: 4 for c in pictures.CATEGORIES}
+    assert all(any(t.match(p["prompt"]) for t in templates) for p in unseen)
+    assert not any(any(t.match(p["prompt"]) for t in templates) for p in prompts)
     mod = world.modality_set(5, seed=0)
     assert Counter(m["expected"] for m in mod) == {"text": 10, "image": 5, "text+image": 10}
-    templates = _heldout_template_patterns()
     assert all(any(t.match(m["prompt"].removeprefix("<image>\n")) for t in templates) for m in mod
                if m["type"] != "ti2ti")
     for item in world.ti2ti_set(10, seed=0):

@@ -8,6 +8,8 @@ The paper's ablations, re-run in the toy world. One command each; each writes a 
   python -m toy.ablations single-stage  # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
                                         #   three stages, same total steps -> single_stage.md (understanding kept)
   python -m toy.ablations all --steps 600
+  python -m toy.ablations scaling --run runs/toy/stage2   # GenEval-style in both phrasings against stage-2
+                                        #   compute, from the run's snapshots -> figures/scaling.png + .md
 
 Every arm starts from the same point: the shipped toy base (toy/base) and, for the stage-2 ablations, one stage-1
 run made here. Runs are cached in runs/ablations/<arm> (train.py --resume), so a rerun only redoes what is missing.
@@ -61,7 +63,7 @@ def smooth(points, k=20):
     return out
 
 
-def plot(curves, path, title, ylabel="loss"):
+def plot(curves, path, title, ylabel="loss", xlabel="step"):
     """A plain line plot with PIL (no plotting library at run time): {label: [(step, value)]} -> PNG."""
     W, H, L, R, T, B = 720, 440, 70, 20, 40, 50
     img = Image.new("RGB", (W, H), "white")
@@ -78,7 +80,7 @@ def plot(curves, path, title, ylabel="loss"):
         d.text((5, sy(yv) - 6), f"{yv:.2f}", fill="black")
         xv = x0 + i * (x1 - x0) / 4
         d.text((sx(xv) - 10, H - B + 5), f"{xv:.0f}", fill="black")
-    d.text((W // 2 - 20, H - 20), "step", fill="black")
+    d.text((W // 2 - 20, H - 20), xlabel, fill="black")
     d.text((5, T - 25), ylabel, fill="black")
     d.text((L, 10), title, fill="black")
     for i, (label, c) in enumerate(curves.items()):
@@ -186,13 +188,55 @@ def single_stage(steps, n):
           f"| one stage, everything trainable, alpha = beta = 1 | {us:.3f} | {us / u0:.3f} | {geneval(one, n):.3f} |")
 
 
+def scaling(run_dir, n, seeds, out_dir):
+    """GenEval-style overall in the training phrasings and in unseen ones against stage-2 compute (examples seen =
+    steps x global batch), from the snapshots a run saved (train.py --snapshot-every, as the pipeline's stage 2 does)
+    and its final model. A snapshot is the run part-way, before its learning rate has come down, so the curve lies
+    at or below what runs of those lengths would reach: a rising end says more compute would still pay."""
+    import torch
+
+    from . import eval as ev
+    import sample
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    batch, last = ck["global_batch"], ck["step"]
+    snaps = sorted((int(d[4:]), os.path.join(run_dir, d)) for d in os.listdir(run_dir)
+                   if d.startswith("step") and d[4:].isdigit())
+    rows, curves = [], {"training phrasings": [], "unseen phrasings": []}
+    for step, d in snaps + [(last, run_dir)]:
+        model, tok, vq = sample.load(d, vqgan=os.path.join(pipeline.SHIP, "vqgan"))
+        score = {ph: sum(ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, s, phrasing=ph)["overall"]
+                         for s in seeds) / len(seeds) for ph in ("train", "unseen")}
+        rows.append(f"| {step} | {step * batch:,} | {score['train']:.3f} | {score['unseen']:.3f} |")
+        print(rows[-1], flush=True)
+        curves["training phrasings"].append((step * batch / 1000, score["train"]))
+        curves["unseen phrasings"].append((step * batch / 1000, score["unseen"]))
+    os.makedirs(out_dir, exist_ok=True)
+    plot(curves, os.path.join(out_dir, "scaling.png"), f"GenEval-style overall against stage-2 compute "
+         f"(seeds {', '.join(map(str, seeds))}, {n} prompts per category)", "GenEval-style", "thousand examples")
+    text = (f"Stage 2 of `{os.path.relpath(run_dir, ROOT)}`, global batch {batch}; GenEval-style overall, mean of "
+            f"seeds {', '.join(map(str, seeds))} (`python -m toy.ablations scaling --run "
+            f"{os.path.relpath(run_dir, ROOT)}`)\n\n| step | examples | training phrasings | unseen phrasings |\n"
+            "|---|---|---|---|\n" + "\n".join(rows))
+    with open(os.path.join(out_dir, "scaling.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m toy.ablations", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all"])
+    ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all", "scaling"])
+    ap.add_argument("--run", default=os.path.join(ROOT, "runs", "toy", "stage2"),
+                    help="scaling: the stage-2 run whose snapshots are scored")
+    ap.add_argument("--seeds", default="1234,7,99", help="scaling: evaluation seeds")
+    ap.add_argument("--figures", default=os.path.join(ROOT, "figures"), help="scaling: where the figure goes")
     ap.add_argument("--steps", type=int, default=1000, help="stage-2 steps per arm (single-stage: total steps)")
     ap.add_argument("--n", type=int, default=10, help="prompts per GenEval category / 5x ti2t questions")
     args = ap.parse_args(argv)
+    if args.which == "scaling":
+        if not os.path.exists(os.path.join(args.run, "ckpt.pt")):
+            sys.exit(f"error: {args.run} holds no train.py run (no ckpt.pt)")
+        return scaling(args.run, args.n, [int(s) for s in args.seeds.split(",")], args.figures)
     if not os.path.exists(os.path.join(pipeline.SHIP, "armor", "config.json")):
         sys.exit(f"error: the shipped toy world is missing from {pipeline.SHIP}; run `python -m toy` first")
     os.makedirs(OUT, exist_ok=True)

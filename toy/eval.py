@@ -73,8 +73,8 @@ def first_image(vq, ans):
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def eval_generation(model, tok, vq, n, cfg, seed, heldout=False):
-    items = world.geneval_prompts(n, seed, heldout=heldout)
+def eval_generation(model, tok, vq, n, cfg, seed, heldout=False, phrasing="train"):
+    items = world.geneval_prompts(n, seed, heldout=heldout, phrasing=phrasing)
     answers = answer_all(model, tok, [it["prompt"] for it in items], cfg=cfg, seed=seed)
     per = {}
     for it, ans in zip(items, answers):
@@ -310,6 +310,7 @@ def main(argv=None):
     lines = [f"Toy-world evaluation of `{os.path.relpath(args.model, ROOT)}` (cfg {cfg:g}, seed {args.seed}, "
              f"`python -m toy.eval{' --quick' if args.quick else ''}`)", ""]
     gen = eval_generation(model, tok, vq, n, cfg, args.seed)
+    unseen = eval_generation(model, tok, vq, n, cfg, args.seed, phrasing="unseen")
     held = eval_generation(model, tok, vq, n, cfg, args.seed, heldout=True)
     cats = pictures.CATEGORIES
 
@@ -319,11 +320,13 @@ def main(argv=None):
 
     lines += ["| generation (GenEval-style) | " + " | ".join(cats) + " | overall |",
               "|---|" + "---|" * (len(cats) + 1),
-              row("training compositions", gen, True), row("held-out compositions", held, True),
+              row("training compositions", gen, True),
+              row("training compositions, unseen phrasings", unseen, True),
+              row("held-out compositions", held, True),
               row("VQGAN round trip of the true pictures, training compositions", eval_ceiling(vq, n, args.seed), False),
               row("VQGAN round trip, held-out compositions", eval_ceiling(vq, n, args.seed, heldout=True), False)]
     lines.append("")
-    print("\n".join(lines[-7:]), flush=True)
+    print("\n".join(lines[-8:]), flush=True)
     scenes = eval_scenes(model, tok, vq, max(1, n // 4), cfg, args.seed)
     reading = eval_prompt_reading(model, tok, vq, 2 * n, args.seed)
     code_context = eval_code_context(vq, 20 * n, args.seed)

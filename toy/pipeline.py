@@ -45,7 +45,7 @@ DATA = os.path.join(ROOT, "toy_data")  # generated, git-ignored
 RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
 
 # Records per type for the training sets (stage mixtures draw from these; t2i/t2ti are the generation data).
-N_RECORDS = {"t2t": 3000, "ti2t": 12000, "t2i": 16000, "t2ti": 6000}
+N_RECORDS = {"t2t": 3000, "ti2t": 40000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
 VQ_STEPS, VQ_BATCH = 2000, 8
 # vqgan.train_vqgan's locality term (equal cells, equal codes), a soft version of cell_local: off by default;
@@ -62,7 +62,13 @@ NAME_COLOURS = 0.5
 # tests/test_train.py keeps the two equal). The base trains 800 steps: at 400 it still answered "could you draw
 # an aurora?" more often like "What is an aurora?" than with "I cannot draw ...", and stage 1, a linear read-out of
 # its states, then answered that request in words (README, "The base reads the verb")
-TRAIN = {0: (800, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (4500, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+TRAIN = {0: (4000, 32, 2e-3, 40), 1: (250, 32, 1e-3, 25), 2: (6000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+# train.py --mix per stage where it is not the stage's own (data.STAGE_MIX): the base reads three pictures for every
+# text record, since what it must learn about pictures (binding colours, counts and places to objects) is the slow part
+MIX = {0: "t2t=1,ti2t=3"}
+# the stage-2 run saves this many snapshots on its way (train.py --snapshot-every): the scaling figure's points
+# (python -m toy.ablations scaling)
+SNAPSHOTS = 8
 
 
 QUICK = {"records": 64, "vq_steps": 20, "train_steps": 4}
@@ -255,6 +261,8 @@ def train(stage, p, extra=(), quick=False, device="cpu"):
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, ".running"), "w").close()
     cmd = train_cmd(stage, out, steps, batch, lr, warmup, _data_args(p, stage), device=device)
+    cmd += ["--mix", MIX[stage]] if stage in MIX else []
+    cmd += ["--snapshot-every", str(steps // SNAPSHOTS)] if stage == 2 and not quick else []
     if stage == 0:
         cmd += ["--preset", "toy", "--tokenizer", p["tok"]]
     else:

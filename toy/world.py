@@ -161,7 +161,9 @@ def _scene_ti2t(rng, tpl):
     yes = rng.random() < 0.5
     other = rng.choice([s.name for n, s in SCENES.items() if n != name] + list(NOT_IN_WORLD))
     q = _pick(rng, "q_shows", tpl).format(sc.name if yes else other)
-    a = f"Yes, this picture shows {sc.name}." if yes else f"No, the picture does not show {other}. It shows {sc.name}."
+    # the answer names what the picture shows first and then judges: a toy base that had to say yes or no first
+    # answered at chance (while naming the scene right every time), as one word must then carry the comparison
+    a = f"It shows {sc.name}, so yes." if yes else f"It shows {sc.name}, so no, not {other}."
     return pic, q, a, {"kind": "yesno", "answer": "yes" if yes else "no", "scene": name}
 
 
@@ -196,7 +198,7 @@ def _objects_ti2t(rng, comp, tpl):
         pic = Picture("objects", place(items, rng, rel), random_background(rng))
         yes = rng.random() < 0.5
         q = _pick(rng, "q_where", tpl).format(a, RELATIONS[rel if yes else OPPOSITE[rel]], b)
-        ans = f"{'Yes' if yes else 'No'}, the {a} is {RELATIONS[rel]} the {b}."
+        ans = f"The {a} is {RELATIONS[rel]} the {b}, so {'yes' if yes else 'no'}."  # seen first, then judged
         return pic, q, ans, {"kind": "yesno", "answer": "yes" if yes else "no"}
     pic = random_objects(rng)
     if kind == "total":
@@ -368,15 +370,20 @@ def with_colours(rec) -> dict:
 # 2. Evaluation sets and scorers
 # ===================================================================================================================
 
-def geneval_prompts(n_per_category, seed, heldout=False) -> list:
-    """GenEval-style drawing prompts: [{category, prompt, spec}], n per category (training phrasings, so only the
-    composition is new). heldout=True: only held-out compositions (counting, colors, color_attr)."""
-    rng = random.Random(f"geneval/{heldout}/{seed}")
+def geneval_prompts(n_per_category, seed, heldout=False, phrasing="train") -> list:
+    """GenEval-style drawing prompts: [{category, prompt, spec}], n per category. heldout=True: only held-out
+    compositions (counting, colors, color_attr). phrasing="train" asks in the training phrasings (only the picture is
+    new); "unseen" in the held-out frame x verb templates, which no training record uses (the modality row's), so a
+    score that holds there does not hang on the wording the model was trained on."""
+    if phrasing not in ("train", "unseen"):
+        raise ValueError(f"phrasing must be 'train' or 'unseen', not {phrasing!r}")
+    rng = random.Random(f"geneval/{heldout}/{seed}" + ("" if phrasing == "train" else "/unseen"))
+    tpl = "train" if phrasing == "train" else "heldout"
     out = []
     for cat in (HELDOUT_CATEGORIES if heldout else CATEGORIES):
         for _ in range(n_per_category):
             spec = sample_spec(cat, rng, heldout)
-            out.append({"category": cat, "prompt": _pick(rng, "draw", "train").format(describe(spec)), "spec": spec})
+            out.append({"category": cat, "prompt": _pick(rng, "draw", tpl).format(describe(spec)), "spec": spec})
     return out
 
 
@@ -414,8 +421,9 @@ def score_answer(spec, text) -> bool:
         return {w[:-1] if w.endswith("s") else w for w in words} & set(SHAPES) == {ans}
     if kind == "count":
         return {NUMBERS.index(w) if w in NUMBERS else int(w) for w in words if w in NUMBERS or w.isdigit()} == {ans}
-    if kind == "yesno":
-        return bool(words) and words[0] == ans and ("scene" not in spec or _has_scene(t, spec["scene"]))
+    if kind == "yesno":  # the judgement, not its opposite, and for a scene the scene the picture shows
+        return ans in words and ({"yes", "no"} - {ans}).isdisjoint(words) and (
+            "scene" not in spec or _has_scene(t, spec["scene"]))
     if kind == "scene":
         return _has_scene(t, ans) and not any(_has_scene(t, n) for n in SCENES if n != ans)
     if kind == "describe":
