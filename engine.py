@@ -1,12 +1,13 @@
 """
 The decode engine: ARMOR's generation steps made fast, beside the readable model in armor.py. On a CPU the steps go
-through packed weights and fewer kernel calls (CpuDecoder); on a GPU each step is one replayed CUDA graph
-(GraphDecoder, in the second half of this file).
+through packed weights and fewer kernel calls (CpuDecoder); on a GPU sample.generate's whole decode step (LLM, heads,
+sampling, the next ids written on the device) is one replayed CUDA graph (GraphDecoder, in the second half of this
+file).
 
   decoder = engine.decoder(model)    # what sample.generate uses (generate(..., decoder=model) goes without)
   state = model.new_state(B, max_len, pad)
   h = decoder.extend(state, ids)     # and decoder.text_logits(h), .adapter_catch_up(state), .image_logits(a)
-  python -m pytest tests/test_engine.py   # token for token against the model's plain path
+  python -m pytest tests/test_engine.py tests/test_engine_graphs.py   # token for token against the plain path
   python bench.py --kernels               # the kernels below against F.linear (GB/s of weight read)
 
 armor.py has one decode path: Block.forward with the pre-allocated KV cache and SDPA. On CPU a decode step (one new
@@ -237,24 +238,29 @@ class CpuDecoder:
 # ---------------------------------------------------------------------------------------------------------------------
 # On a GPU: decode steps as CUDA graphs
 #
-# The same math as armor.py's cached decoding, laid out so that every step has the same
-# shapes and needs nothing from the host, so one step of the whole LLM (or of ARMOR's adapter) is captured once and
-# replayed as a single launch. At a decode step's one token per row the GPU otherwise waits on Python to launch each
-# of the step's few hundred small kernels.
+# sample.generate's decode step is one function of device tensors: the LLM on one column of every row, the head (or
+# heads) the rows' modes call for, the sampling, and the sampled ids written into the next column of the batch's id
+# buffer (sample._Batch.decode_step). GraphDecoder.run captures it once per kind of step (text, image, both, neither)
+# and replays it as a single launch: at one token per row the GPU otherwise waits on Python to launch each of the
+# step's few hundred small kernels. The ids never pass through the host on the way in; the host reads them back only
+# where the grammar needs them (sample.py).
 #
-# What differs from armor.py's plain path (which stays the reference, and which these steps are tested against):
+# What differs from armor.py's plain path inside a step (which stays the reference, and which these steps are tested
+# against):
 # - the column a step writes is a device tensor, not a Python int: the new keys and values go in with index_copy_;
 # - attention reads the whole pre-allocated cache with a mask (columns written so far, minus each row's left
-#   padding) instead of a slice that grows every step (the layout gpt-fast uses for its compiled decode step);
+#   padding) instead of a slice that grows every step (the layout gpt-fast uses for its compiled decode step), and
+#   GQA goes without repeated keys (as block_step above);
 # - the embedding of a step's ids is the plain lookup of Armor.embed without its host-side checks (a decode step never
 #   holds <IMG_CONTEXT> placeholders).
 #
-#   dec = GraphDecoder(model)                # per generate() call: graphs belong to one State's caches
-#   h = dec.extend(state, ids)               # ids (B, 1) on the GPU -> (B, 1, d), like model.extend
-#   a = dec.adapter_catch_up(state)          # like model.adapter_catch_up
+#   dec = GraphDecoder(model)                # per generate() call: graphs hold the addresses of one batch's tensors
+#   dec.run(key, step, col, state)           # step() replayed; inside it dec.extend / dec.adapter_catch_up of one
+#                                            # column are static steps at column col (a (1,) device tensor)
 #
-# Anything else (a prefill, several columns at once, InternLM2's dynamic RoPE past its trained length) goes through
-# the model's own methods. graphs=False runs the same static steps eagerly: that is how they are tested on the CPU.
+# Outside run (the prefill, catch-ups over several columns) and where static steps do not apply (InternLM2's dynamic
+# RoPE past its trained length) the calls go to the model's own methods. graphs=False runs the same static steps
+# eagerly: that is how they are tested on the CPU.
 
 
 def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
@@ -269,88 +275,85 @@ def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
     q, k = q.to(v.dtype), k.to(v.dtype)  # as Attention.forward: RoPE's tables may promote to fp32
     k_all.index_copy_(2, col, k)
     v_all.index_copy_(2, col, v)
-    if a.nkv != a.nh:  # GQA: query head i reads kv head i // g (as Attention.forward)
-        k_all = k_all.repeat_interleave(a.nh // a.nkv, dim=1)
-        v_all = v_all.repeat_interleave(a.nh // a.nkv, dim=1)
-    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-    x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, a.nh * a.hd))
+    # GQA without repeating the cache: the g query heads that read one kv head (head i reads kv head i // g) go in as
+    # g queries of one sequence; the mask, not causality, says what each sees
+    q = q.reshape(B, a.nkv, a.nh // a.nkv, a.hd)  # (B, nkv, g, hd)
+    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, nkv, g, hd)
+    x = x + a.o_proj(y.reshape(B, 1, a.nh * a.hd))
     return x + block.mlp(block.post_attention_layernorm(x))
 
 
-class _Step:
-    """One static decode step of a stack of blocks over one KV cache, for a fixed set of rows: its inputs live in
-    buffers that the caller fills before each run, so the step can be captured once and replayed."""
+class _Stack:
+    """A static decode step of a stack of blocks (the LLM's layers or ARMOR's adapter) over one KV cache, for a
+    fixed set of rows: x (B, 1, d) at the column held in a device tensor -> (B, 1, d), as model.run_stack computes it.
+    The RoPE tables of every column are made once here, so a captured step holds tensors that outlive it."""
 
-    def __init__(self, model, blocks, cache, pad, rows, max_len, make_input, use_graph):
-        self.model, self.blocks, self.cache = model, blocks, cache
-        dev = cache.kv.device
-        self.col = torch.zeros(1, dtype=torch.long, device=dev)
+    def __init__(self, model, blocks, cache, pad, rows):
+        dev, T_max = cache.kv.device, cache.kv.shape[4]
+        self.blocks, self.cache = blocks, cache
         self.pad = pad if pad is not None else torch.zeros(rows, dtype=torch.long, device=dev)
-        self.cols = torch.arange(max_len, device=dev)
-        self.max_len, self.make_input = max_len, make_input
-        self.use_graph, self.graph, self.out = use_graph, None, None
+        self.cols = torch.arange(T_max, device=dev)
+        cos, sin = model.rotary(self.cols[None], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]
 
-    def _run(self):
-        x = self.make_input(self.col)  # (B, 1, d)
-        pos = (self.col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
-        cos, sin = self.model.rotary(pos, self.max_len, x.dtype)
-        mask = ((self.cols <= self.col) & (self.cols >= self.pad[:, None]))[:, None, None, :]  # (B, 1, 1, T_max)
+    def __call__(self, x, col):
+        pos = (col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, 1, hd)
+        mask = ((self.cols <= col) & (self.cols >= self.pad[:, None]))[:, None, None, :]  # (B, 1, 1, T_max)
         for i, block in enumerate(self.blocks):
-            x = static_block_step(block, x, cos, sin, self.cache.k[i], self.cache.v[i], self.col, mask)
+            x = static_block_step(block, x, cos, sin, self.cache.k[i], self.cache.v[i], col, mask)
         return x
-
-    def __call__(self, col):
-        self.col.fill_(col)
-        if not self.use_graph:
-            return self._run()
-        if self.graph is None:
-            # Warm-up and capture run the step for real on this column and these ids; they write the same keys
-            # and values as the replay below, so the cache ends as one plain step would leave it.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._run()
-        self.graph.replay()
-        return self.out
 
 
 class GraphDecoder:
-    """model.extend / model.adapter_catch_up for decode steps, through static steps (CUDA graphs on the GPU). One
-    per generate() call: a step's graph holds the addresses of one State's caches."""
+    """The model's decode interface (extend, adapter_catch_up, text_logits, image_logits) plus `run`, which replays a
+    whole decode step as a CUDA graph. One per generate() call: a graph holds the addresses of one batch's tensors."""
 
     def __init__(self, model: Armor, graphs=True):
         self.model, self.graphs = model, graphs
-        self.steps = {}
+        self.col = None  # inside run: the (1,) device tensor holding the column the step works on
+        self.stacks, self.captured = {}, {}
 
     def _usable(self, state: State):
         c = self.model.config.llm
         T_max = state.llm.kv.shape[4]
         return not torch.is_grad_enabled() and not (c.rope_dynamic_factor and T_max > c.max_position_embeddings)
 
-    def _step(self, kind, state: State):
+    def run(self, key, step, col, state: State):
+        """step(): one decode step, every tensor it reads and writes allocated outside it and kept at one address
+        (its ids come from a buffer, its results go to one), the column it works on in col (a (1,) tensor the caller
+        fills). The first call per key captures it as a CUDA graph; every call replays that graph."""
+        if not self._usable(state):
+            return step()  # the model's own methods, eagerly
+        self.col = col
+        try:
+            if not self.graphs:
+                return step()
+            if key not in self.captured:
+                # A warm-up on a side stream first (as torch.cuda.graphs' docs ask: lazy inits, cuBLAS workspaces),
+                # then the capture, which runs nothing; the replay below runs the step. The warm-up writes what the
+                # replay writes (the same cache column and next ids, from the same inputs), so it leaves no trace.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                self.captured[key] = graph
+            self.captured[key].replay()
+        finally:
+            self.col = None
+
+    def _stack(self, kind, state: State):
         key = (kind, id(state))
-        if key not in self.steps:
-            m, T_max, R = self.model, state.llm.kv.shape[4], state.llm.kv.shape[2]
-            if kind == "llm":
-                ids = torch.zeros(R, 1, dtype=torch.long, device=state.llm.kv.device)
-
-                def make_input(col):
-                    return self.embed(ids)
-
-                step = _Step(m, m.language_model.model.layers, state.llm, state.pad, R, T_max, make_input,
-                             self.graphs)
-                step.ids = ids
-            else:
-                def make_input(col):
-                    return state.hidden.index_select(1, col)  # the decoder output of the column
-
-                step = _Step(m, m.armor.adapter, state.adapter, state.pad, R, T_max, make_input, self.graphs)
-            self.steps[key] = step
-        return self.steps[key]
+        if key not in self.stacks:
+            m, rows = self.model, state.llm.kv.shape[2]
+            blocks, cache = ((m.language_model.model.layers, state.llm) if kind == "llm" else
+                             (m.armor.adapter, state.adapter))
+            self.stacks[key] = _Stack(m, blocks, cache, state.pad, rows)
+        return self.stacks[key]
 
     def embed(self, ids):
         """Armor.embed for decode ids (no image placeholders): original rows below V, the new rows from V on."""
@@ -361,24 +364,25 @@ class GraphDecoder:
         return torch.where((ids >= V)[..., None], m.armor.embed_new((ids - V).clamp(min=0)), x)
 
     def extend(self, state: State, ids, pixels=None):
-        if ids.shape[1] != 1 or pixels is not None or state.length == 0 or not self._usable(state):
+        """model.extend; inside run, one column (ids (B, 1)) as a static step at column self.col."""
+        if self.col is None or ids.shape[1] != 1 or pixels is not None:
             return self.model.extend(state, ids, pixels)
-        step = self._step("llm", state)
-        step.ids.copy_(ids)
-        h = step(state.length)
+        h = self._stack("llm", state)(self.embed(ids), self.col)
         if state.hidden is not None:
-            state.hidden.narrow(1, state.length, 1).copy_(h)
-        state.length += 1
+            state.hidden.index_copy_(1, self.col, h)
+        state.length += 1  # for the eager run; after a replay the caller sets the lengths
         return h
 
     def adapter_catch_up(self, state: State):
-        if state.length - state.adapter_length != 1 or state.adapter_length == 0 or not self._usable(state):
+        """model.adapter_catch_up; inside run, the adapter on column self.col alone (the caller caught it up to
+        there) as a static step."""
+        if self.col is None:
             return self.model.adapter_catch_up(state)
-        out = self._step("adapter", state)(state.adapter_length)
+        out = self._stack("adapter", state)(state.hidden.index_select(1, self.col), self.col)
         state.adapter_length += 1
         return out
 
-    # the heads as the model runs them (sample.generate asks its decoder for them too: engine.py's has its own)
+    # the heads as the model runs them (inside a captured step they are captured with it)
     def text_logits(self, h):
         return self.model.text_logits(h)
 
