@@ -207,6 +207,9 @@ class _Batch:
         self.col = torch.zeros(1, dtype=torch.long, device=dev)  # the column the step reads
         self.modes = None
         self.rowinfo = torch.zeros(2, self.B, dtype=torch.long, device=dev)  # each row's mode, and its forced id
+        self.mode, self.forced_ids = self.rowinfo  # views, made once (as are the next two)
+        self.rows_of = {R: seq[:R] for R in (self.B, G)}  # the ids of the first R rows
+        self.halves = seq.view(G // self.B, self.B, -1)  # (1 or 2, B, L + T): a guided batch's halves
         self.biases = _text_biases(model, tok)
         self.bias = self.biases[0].clone()  # text head bias: biases[1] once the budget cannot hold an image
         self.short = False
@@ -224,6 +227,7 @@ class _Batch:
         IMGEND, DONE), into column col + 1. short: the budget left cannot hold a whole image (<imgbos> masked)."""
         B, state, cond, uncond = self.B, self.state, self.cond, self.uncond
         text, image = TEXT in modes, IMAGE in modes
+        same = len(set(modes)) == 1  # every row takes the one head's id (or every row a forced one)
         if modes != self.modes:  # rows change mode a few times per image: then the device learns
             info = torch.tensor([modes, [self.forced[m] for m in modes]])
             self.rowinfo.copy_(info.pin_memory() if self.pinned is not None else info, non_blocking=True)
@@ -244,9 +248,9 @@ class _Batch:
         self.col.fill_(col)
         run = getattr(self.decoder, "run", None)  # engine.GraphDecoder replays the step as a CUDA graph
         if run is None:
-            self.decode_step(text, image)
+            self.decode_step(text, image, same)
         else:
-            run((text, image), lambda: self.decode_step(text, image), self.col, state)
+            run((text, image, same), lambda: self.decode_step(text, image, same), self.col, state)
         # the lengths the step's extend calls advance (a replayed graph runs no Python)
         cond.length = col + 1
         if image:
@@ -268,26 +272,27 @@ class _Batch:
         q = torch.empty(len(rows), noise.shape[1], device=self.dev).exponential_(generator=self.gen)
         noise.index_copy_(0, self.index[key], q)
 
-    def decode_step(self, text, image):
+    def decode_step(self, text, image, same):
         """The step itself, device tensors only (what engine.GraphDecoder captures): the LLM on column self.col of
         the rows that need it, the text head if some row writes text, the adapter and the visual head if some row
-        draws, each row's next id chosen by its mode, written into column self.col + 1."""
+        draws, each row's next id chosen by its mode (same: all rows in one mode), written into column
+        self.col + 1."""
         B, d, c = self.B, self.decoder, self.model.config
         st = self.state if image and self.guided else self.cond  # the unconditional rows step only to draw
-        h = d.extend(st, self.seq[:st.llm.kv.shape[2]].index_select(1, self.col))[:B, 0]  # (B, d)
-        mode, nxt = self.rowinfo
+        h = d.extend(st, self.rows_of[st.llm.kv.shape[2]].index_select(1, self.col))[:B, 0]  # (B, d)
+        nxt = self.forced_ids  # <imgend> in IMGEND rows, padding in finished ones
         if text:  # text head over [0, V] (V = <imgbos>)
             logits = d.text_logits(h) + self.bias  # float32, as bias is
-            nxt = torch.where(mode == TEXT, sample_token(logits, self.text, noise=self.noise["text"]), nxt)
+            t = sample_token(logits, self.text, noise=self.noise["text"])
+            nxt = t if same else torch.where(self.mode == TEXT, t, nxt)
         if image:  # the visual head: <imgpad> never and <imgend> only when forced, so only the codes compete
             logits = d.image_logits(d.adapter_catch_up(self.state)[:, -1])[:, 2:].float()  # (G, K)
             if self.guided:  # classifier-free guidance: u + cfg * (c - u)
                 logits = logits[B:] + self.cfg * (logits[:B] - logits[B:])
             code = sample_token(logits, self.image, noise=self.noise["image"]) + c.code_offset
-            nxt = torch.where(mode == IMAGE, code, nxt)
+            nxt = code if same else torch.where(self.mode == IMAGE, code, nxt)
         # both halves of a guided batch: the unconditional rows read the same ids when they catch up
-        G = self.seq.shape[0]
-        self.seq.view(G // B, B, -1).index_copy_(2, self.col + 1, nxt.view(1, B, 1).expand(G // B, B, 1))
+        self.halves.index_copy_(2, self.col + 1, nxt.view(1, B, 1).expand(len(self.halves), B, 1))
 
     def read(self, a, b):
         """The conditional rows' ids of columns [a, b) -> lists (B of b - a): the host waits for the steps that

@@ -103,7 +103,7 @@ def test_cuda_graphs_answer_as_the_plain_path():
         assert [a.ids for a in graphed] == [a.ids for a in plain]
         assert any(a.images for a in graphed)
         # a text step, an image step (text and image rows together, in this batch) were captured and replayed
-        assert (True, False) in engine.captured and any(image for _, image in engine.captured)
+        assert any(t and not i for t, i, _ in engine.captured) and any(i for _, i, _ in engine.captured)
 
 
 @pytest.mark.parametrize("case", ["text only", "text-image-text", "cfg", "padded batch", "budget cuts the image"])
@@ -124,7 +124,7 @@ def test_cuda_graph_steps_equal_plain_path_on_planted_models(tok, case):
     dec = GraphDecoder(m)
     graphed = sample.generate(m, tok, convs, decoder=dec, **kw)
     assert [a.ids for a in graphed] == [a.ids for a in sample.generate(m, tok, convs, decoder=m, **kw)]
-    assert dec.captured and (any(a.images for a in graphed) == any(image for _, image in dec.captured))
+    assert dec.captured and (any(a.images for a in graphed) == any(image for _, image, _ in dec.captured))
 
 
 def test_cuda_graph_sampling_is_reproducible_and_equals_the_plain_path(tok):
