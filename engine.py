@@ -35,7 +35,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from armor import Armor, State, make_ctx, rotate_half
+from armor import Armor, State, make_ctx
 
 _ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -264,15 +264,17 @@ class CpuDecoder:
 
 
 def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
-    """armor.Block.forward for one new column per row: x (B, 1, d); k_all, v_all (B, n_kv, T_max, hd) the layer's
-    whole cache, written at column col (a (1,) tensor); mask (B, 1, 1, T_max) the columns each row may read."""
-    a, B = block.self_attn, x.shape[0]
+    """armor.Block.forward for one new column per row: x (B, 1, d); cos, sin (B, 1, 1, hd) in x's dtype, sin's
+    first half negated (see _Stack); k_all, v_all (B, n_kv, T_max, hd) the layer's whole cache, written at column col
+    (a (1,) tensor); mask (B, 1, 1, T_max) additive, 0 at the columns each row may read and -inf elsewhere (what
+    SDPA makes of a boolean mask, made once per step instead of once per layer)."""
+    a, B, half = block.self_attn, x.shape[0], block.self_attn.hd // 2
     h = block.input_layernorm(x)
     q = a.q_proj(h).view(B, 1, a.nh, a.hd).transpose(1, 2)  # (B, nh, 1, hd)
     k = a.k_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)  # (B, nkv, 1, hd)
     v = a.v_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q, k = q.to(v.dtype), k.to(v.dtype)  # as Attention.forward: RoPE's tables may promote to fp32
+    # RoPE: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly, in one kernel fewer
+    q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
     k_all.index_copy_(2, col, k)
     v_all.index_copy_(2, col, v)
     # GQA without repeating the cache: the g query heads that read one kv head (head i reads kv head i // g) go in as
@@ -286,7 +288,8 @@ def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
 class _Stack:
     """A static decode step of a stack of blocks (the LLM's layers or ARMOR's adapter) over one KV cache, for a
     fixed set of rows: x (B, 1, d) at the column held in a device tensor -> (B, 1, d), as model.run_stack computes it.
-    The RoPE tables of every column are made once here, so a captured step holds tensors that outlive it."""
+    The RoPE tables of every column are made once here (in the cache's dtype, as the model's plain path uses them),
+    so a captured step holds tensors that outlive it."""
 
     def __init__(self, model, blocks, cache, pad, rows):
         dev, T_max = cache.kv.device, cache.kv.shape[4]
@@ -294,12 +297,15 @@ class _Stack:
         self.pad = pad if pad is not None else torch.zeros(rows, dtype=torch.long, device=dev)
         self.cols = torch.arange(T_max, device=dev)
         cos, sin = model.rotary(self.cols[None], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
-        self.cos, self.sin = cos[0, 0], sin[0, 0]
+        self.cos, self.sin = cos[0, 0], sin[0, 0] * _rope_sign(sin)  # [-sin, sin] on the two halves
+        self.no = torch.tensor(float("-inf"), dtype=cache.kv.dtype, device=dev)
+        self.yes = torch.zeros((), dtype=cache.kv.dtype, device=dev)
 
     def __call__(self, x, col):
         pos = (col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, 1, hd)
-        mask = ((self.cols <= col) & (self.cols >= self.pad[:, None]))[:, None, None, :]  # (B, 1, 1, T_max)
+        keep = (self.cols <= col) & (self.cols >= self.pad[:, None])  # (B, T_max)
+        mask = torch.where(keep, self.yes, self.no)[:, None, None, :]  # (B, 1, 1, T_max)
         for i, block in enumerate(self.blocks):
             x = static_block_step(block, x, cos, sin, self.cache.k[i], self.cache.v[i], col, mask)
         return x
