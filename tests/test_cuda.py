@@ -20,11 +20,19 @@ import pytest
 import torch
 
 import armor
-from test_sample import tok  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """tests/test_sample.py's tokenizer (imported here, not at the top: only these tests need its imports)."""
+    from test_sample import SENTENCES
+    from tokenizer import Tokenizer
+
+    return Tokenizer.train_bpe(SENTENCES * 3, vocab_size=300)
 
 
 def test_init_on_the_gpu_equals_the_cpu():
