@@ -62,12 +62,13 @@ def rms_norm_step(x, weight, eps):
 
 def pack(linears):
     """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
-    one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
-    stacked and prepacked for oneDNN (a copy in its own layout); the others go through F.linear."""
+    one per module (a big group, which then needs no stacked copy). bf16 weights on the CPU (where oneDNN has bf16
+    kernels) are stacked and prepacked for oneDNN (a copy in its own layout); the others (fp32, or on a GPU) go
+    through F.linear."""
     ws = [m.weight.detach() for m in linears]
     bs = [None if m.bias is None else m.bias.detach() for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
-    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
+    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16 and ws[0].device.type == "cpu":
         w = cat(ws)
         return [("bf16", w.shape[0], torch.ops.mkldnn._reorder_linear_weight(w, 1), cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
@@ -251,6 +252,9 @@ class CpuDecoder:
 # - attention reads the whole pre-allocated cache with a mask (columns written so far, minus each row's left
 #   padding) instead of a slice that grows every step (the layout gpt-fast uses for its compiled decode step), and
 #   GQA goes without repeated keys (as block_step above);
+# - fewer kernel calls per layer (at one token per row a replayed step's time is mostly its kernels' launch latency):
+#   q|k|v through one stacked weight (a copy, where small), RoPE on q and k together, one copy for the new keys and
+#   values, the attention mask made once per step;
 # - the embedding of a step's ids is the plain lookup of Armor.embed without its host-side checks (a decode step never
 #   holds <IMG_CONTEXT> placeholders).
 #
@@ -263,37 +267,40 @@ class CpuDecoder:
 # eagerly: that is how they are tested on the CPU.
 
 
-def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
-    """armor.Block.forward for one new column per row: x (B, 1, d); cos, sin (B, 1, 1, hd) in x's dtype, sin's
-    first half negated (see _Stack); k_all, v_all (B, n_kv, T_max, hd) the layer's whole cache, written at column col
-    (a (1,) tensor); mask (B, 1, 1, T_max) additive, 0 at the columns each row may read and -inf elsewhere (what
-    SDPA makes of a boolean mask, made once per step instead of once per layer)."""
-    a, B, half = block.self_attn, x.shape[0], block.self_attn.hd // 2
-    h = block.input_layernorm(x)
-    q = a.q_proj(h).view(B, 1, a.nh, a.hd).transpose(1, 2)  # (B, nh, 1, hd)
-    k = a.k_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)  # (B, nkv, 1, hd)
-    v = a.v_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)
-    # RoPE: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly, in one kernel fewer
-    q, k = q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
-    k_all.index_copy_(2, col, k)
-    v_all.index_copy_(2, col, v)
+def static_block_step(block, x, cos, sin, kv, col, mask, packs):
+    """armor.Block.forward for one new column per row, with few kernel calls (at one token per row a GPU spends a
+    step's time launching small kernels, a CPU calling them): x (B, d); cos, sin (B, 1, hd) in x's dtype, sin's first
+    half negated (see _Stack); kv (2, B, n_kv, T_max, hd) the layer's whole cache of keys and values, written at
+    column col (a (1,) tensor); mask (B, 1, 1, T_max) additive, 0 at the columns each row may read and -inf elsewhere
+    (what SDPA makes of a boolean mask, made once per step instead of once per layer). As block_step above: q|k|v in
+    one matmul (fast_linear), RoPE on q and k together, the new keys and values in one copy, GQA folded into the
+    query axis."""
+    a, m = block.self_attn, block.mlp
+    B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
+    qkv = fast_linear(packs, (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm(x)).view(B, nh + 2 * nkv, hd)
+    qk = qkv[:, :nh + nkv]
+    # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
+    torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
+    kv.index_copy_(3, col, qkv[:, nh:].view(B, 2, nkv, 1, hd).transpose(0, 1))  # (2, B, nkv, 1, hd): keys, values
     # GQA without repeating the cache: the g query heads that read one kv head (head i reads kv head i // g) go in as
     # g queries of one sequence; the mask, not causality, says what each sees
-    q = q.reshape(B, a.nkv, a.nh // a.nkv, a.hd)  # (B, nkv, g, hd)
-    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, nkv, g, hd)
-    x = x + a.o_proj(y.reshape(B, 1, a.nh * a.hd))
-    return x + block.mlp(block.post_attention_layernorm(x))
+    q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # (B, nkv, g, hd)
+    y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).view(B, nh * hd)
+    x = x + a.o_proj(y)
+    h = block.post_attention_layernorm(x)
+    return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
 
 
 class _Stack:
     """A static decode step of a stack of blocks (the LLM's layers or ARMOR's adapter) over one KV cache, for a
-    fixed set of rows: x (B, 1, d) at the column held in a device tensor -> (B, 1, d), as model.run_stack computes it.
+    fixed set of rows: x (B, 1, d) at the column held in a device tensor -> (B, 1, d), as model.run_stack computes it
+    (packs: the stacked q|k|v weights, engine.refresh).
     The RoPE tables of every column are made once here (in the cache's dtype, as the model's plain path uses them),
     so a captured step holds tensors that outlive it."""
 
-    def __init__(self, model, blocks, cache, pad, rows):
+    def __init__(self, model, blocks, cache, pad, rows, packs):
         dev, T_max = cache.kv.device, cache.kv.shape[4]
-        self.blocks, self.cache = blocks, cache
+        self.blocks, self.cache, self.packs = blocks, cache, packs
         self.pad = pad if pad is not None else torch.zeros(rows, dtype=torch.long, device=dev)
         self.cols = torch.arange(T_max, device=dev)
         cos, sin = model.rotary(self.cols[None], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
@@ -303,12 +310,13 @@ class _Stack:
 
     def __call__(self, x, col):
         pos = (col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, 1, hd)
+        cos, sin = self.cos[pos], self.sin[pos]  # (B, 1, hd)
         keep = (self.cols <= col) & (self.cols >= self.pad[:, None])  # (B, T_max)
         mask = torch.where(keep, self.yes, self.no)[:, None, None, :]  # (B, 1, 1, T_max)
+        x = x[:, 0]
         for i, block in enumerate(self.blocks):
-            x = static_block_step(block, x, cos, sin, self.cache.k[i], self.cache.v[i], col, mask)
-        return x
+            x = static_block_step(block, x, cos, sin, self.cache.kv[i], col, mask, self.packs)
+        return x[:, None]
 
 
 class GraphDecoder:
@@ -319,6 +327,12 @@ class GraphDecoder:
         self.model, self.graphs = model, graphs
         self.col = None  # inside run: the (1,) device tensor holding the column the step works on
         self.stacks, self.captured = {}, {}
+        # q|k|v stacked into one weight per layer (a copy, kept with the model's other packs between answers; big
+        # groups stay apart and their outputs are joined)
+        ar = getattr(model, "armor", None)
+        blocks = list(model.language_model.model.layers) + ([] if ar is None else list(ar.adapter))
+        self.packs = _PACKS.setdefault(model, {})
+        refresh(self.packs, [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks])
 
     def _usable(self, state: State):
         c = self.model.config.llm
@@ -358,7 +372,7 @@ class GraphDecoder:
             m, rows = self.model, state.llm.kv.shape[2]
             blocks, cache = ((m.language_model.model.layers, state.llm) if kind == "llm" else
                              (m.armor.adapter, state.adapter))
-            self.stacks[key] = _Stack(m, blocks, cache, state.pad, rows)
+            self.stacks[key] = _Stack(m, blocks, cache, state.pad, rows, self.packs)
         return self.stacks[key]
 
     def embed(self, ids):
