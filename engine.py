@@ -286,9 +286,16 @@ def static_block_step(block, x, cos, sin, kv, col, mask, packs):
     # g queries of one sequence; the mask, not causality, says what each sees
     q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # (B, nkv, g, hd)
     y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).view(B, nh * hd)
-    x = x + a.o_proj(y)
+    x = _plus_linear(x, a.o_proj, y)
     h = block.post_attention_layernorm(x)
-    return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+    return _plus_linear(x, m.down_proj, F.silu(m.gate_proj(h)) * m.up_proj(h))
+
+
+def _plus_linear(x, linear, y):
+    """x + linear(y), the residual added in the matmul's own epilogue (addmm: one kernel where there were two)."""
+    if linear.bias is not None:
+        return x + linear(y)
+    return torch.addmm(x, y, linear.weight.t())
 
 
 class _Stack:
@@ -302,8 +309,11 @@ class _Stack:
         dev, T_max = cache.kv.device, cache.kv.shape[4]
         self.blocks, self.cache, self.packs = blocks, cache, packs
         self.pad = pad if pad is not None else torch.zeros(rows, dtype=torch.long, device=dev)
-        self.cols = torch.arange(T_max, device=dev)
-        cos, sin = model.rotary(self.cols[None], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
+        # the mask's rows padded to a multiple of 16 columns: SDPA's CUDA kernels read an attention bias whose rows
+        # are aligned in place, and copy one that is not into a padded buffer (a kernel per layer)
+        self.cols = torch.arange(-(-T_max // 16) * 16, device=dev)
+        self.T_max = T_max
+        cos, sin = model.rotary(self.cols[None, :T_max], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
         self.cos, self.sin = cos[0, 0], sin[0, 0] * _rope_sign(sin)  # [-sin, sin] on the two halves
         self.no = torch.tensor(float("-inf"), dtype=cache.kv.dtype, device=dev)
         self.yes = torch.zeros((), dtype=cache.kv.dtype, device=dev)
@@ -311,8 +321,8 @@ class _Stack:
     def __call__(self, x, col):
         pos = (col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
         cos, sin = self.cos[pos], self.sin[pos]  # (B, 1, hd)
-        keep = (self.cols <= col) & (self.cols >= self.pad[:, None])  # (B, T_max)
-        mask = torch.where(keep, self.yes, self.no)[:, None, None, :]  # (B, 1, 1, T_max)
+        keep = (self.cols <= col) & (self.cols >= self.pad[:, None])  # (B, T_max rounded up)
+        mask = torch.where(keep, self.yes, self.no)[:, None, None, :self.T_max]  # (B, 1, 1, T_max)
         x = x[:, 0]
         for i, block in enumerate(self.blocks):
             x = static_block_step(block, x, cos, sin, self.cache.kv[i], col, mask, self.packs)
