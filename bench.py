@@ -4,6 +4,8 @@ Speed of ARMOR's generation and training, each row measured side by side in one 
   python bench.py             # the full table (about 5 minutes on 2 CPU cores)
   python bench.py --quick     # fewer tokens and repeats (about 2 minutes)
   python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs engine.py's
+  python bench.py --device cuda          # the GPU table (about 4 minutes on an H200): figures/bench_cuda.txt
+  python bench.py --device cpu --smoke   # the GPU table's decode, image and VQGAN rows at tiny shapes (seconds)
 
 Rows:
   decode      tokens/s of sample.generate vs transformers' Qwen2ForCausalLM.generate on the same weights (an
@@ -22,6 +24,15 @@ Rows:
               4 N_dec (forward + input-gradient backward; no weight gradients), trainable adapter 6 N_adapter, visual
               head 6 N_head on image positions, attention 2 T d per layer forward (causal) x 3 for fwd + bwd.
   vqgan       decode seconds per 256 px image (released Chameleon config, random weights), and the toy VQGAN.
+On CUDA (bf16, random weights made on the GPU; the bound is the weight bytes per step over the copy bandwidth
+measured in the run):
+  decode      the 1B shape at batch 1, 2 and 8 against transformers' generate, the 8B preset (InternLM2, which
+              transformers does not ship) at batch 1 against the bound alone.
+  text-only   as on the CPU, at the 1B shape; both loops replay CUDA graphs and look at each token.
+  image       seconds per image (h*w = 256 codes at 256 px) with guidance's two rows, 1B shape and 8B preset, the
+              text head pinned to <imgbos> (a random model never opens an image by itself).
+  vqgan       decode of one 16x16 grid on the GPU, fp32 and bf16 autocast.
+  train       stage-2 steps at the 1B shape and the 8B preset, MFU against the bf16 matmul rate measured in the run.
 The vision tower is left out of the 1B-shaped model (a 1-layer stand-in): no row here feeds it an image.
 Threads: every row runs at one thread count, by default the one (1 or all cores) at which decode-shaped bf16 GEMVs
 run fastest at startup; on a loaded machine a second thread stalls every parallel kernel. The load average is printed.
@@ -234,45 +245,116 @@ def gpu_train_rows(rows, reps=5):
         torch.cuda.empty_cache()
 
 
-def gpu_decode_rows(rows, n_tokens=200, reps=2, dev="cuda"):
-    """On CUDA: greedy decoding at the 1B shape in bf16, sample.generate (its decode steps as CUDA graphs) against
-    transformers' generate on the same tensors, at batch 1, 2 (guidance's two rows) and 8. The bound is the weight
-    bytes one step reads over the copy bandwidth measured in this run. Per-token rates take the difference of a long
-    and a short run, so the prompt's prefill and the graphs' capture drop out."""
+def gpu_decode_rows(rows, dev, presets=("internvl2_5-1b", "internvl2_5-8b"), n_tokens=200, reps=2,
+                    copy_bytes=2 ** 30):
+    """On a GPU, bf16, random weights made on the device. Per preset: greedy decoding, sample.generate (its decode
+    steps as CUDA graphs) against transformers' generate on the same tensors at batch 1, 2 (guidance's two rows) and 8
+    where transformers has the architecture (Qwen2: the 1B shape), ours alone at batch 1 otherwise (InternLM2: the 8B
+    preset); a text-only answer against the bare LLM (1B shape); seconds per image with guidance. The bound is the
+    weight bytes one step reads over the copy bandwidth measured in this run. Per-token rates take the difference of
+    a long and a short run, so the prompt's prefill and the graphs' capture drop out."""
     from data import encode_conversation
 
     dev = torch.device(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    a = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)
+    a = torch.empty(copy_bytes, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
     bw = 2 * a.numel() / timeit(lambda: (b.copy_(a), sync()), 10)  # read + write
     del a, b
-    model, tok = random_1b(torch.bfloat16)
-    model = model.to(dev)
-    hf = hf_twin(model)
-    nbytes = weight_bytes_per_step(model)
-    print(f"HBM copy {bw / 1e12:.2f} TB/s | 1B-shape bf16 weights read per decode step {nbytes / 1e9:.2f} GB",
-          flush=True)
-    conv = [{"role": "user", "content": PROMPT}]
-    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids], device=dev)
-    for B in (1, 2, 8):
-        x = ids.repeat(B, 1)
+    print(f"{dev.type} copy {bw / 1e12:.2f} TB/s", flush=True)
+    for preset in presets:
+        model, tok = random_on(preset, torch.bfloat16, dev)
+        hf = hf_twin(model) if model.config.llm.arch == "qwen2" else None
+        nbytes = weight_bytes_per_step(model)
+        name = f"{preset} shape bf16"
+        print(f"{name}: weights read per decode step {nbytes / 1e9:.2f} GB", flush=True)
+        conv = [{"role": "user", "content": PROMPT}]
+        ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids], device=dev)
+        for B in (1, 2, 8) if hf is not None else (1,):
+            x = ids.repeat(B, 1)
 
-        def ours(n):
-            return lambda: (generate(model, tok, [conv] * B, max_new_tokens=n, text=GREEDY, ignore_eos=True), sync())
+            def ours(n):
+                return lambda: (generate(model, tok, [conv] * B, max_new_tokens=n, text=GREEDY, ignore_eos=True),
+                                sync())
 
-        def theirs(n):
-            return lambda: (hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False),
-                            sync())
+            def theirs(n):
+                return lambda: (hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False),
+                                sync())
 
-        to_n, to_2 = timeit(ours(n_tokens), reps), timeit(ours(2), reps)
-        th_n, th_1 = timeit(theirs(n_tokens // 4), reps), timeit(theirs(1), reps)
-        ro, rh = B * (n_tokens - 2) / (to_n - to_2), B * (n_tokens // 4 - 1) / (th_n - th_1)
-        bound = B * bw / nbytes
-        rows.append((f"decode 1B-shape bf16 batch {B}", f"{ro:,.0f} tok/s", f"{rh:,.0f} tok/s", f"{ro / rh:.1f}x",
-                     f"bound {bound:,.0f} tok/s ({bw / 1e12:.2f} TB/s): ours {ro / bound:.0%}, HF {rh / bound:.0%}"))
-        print(" | ".join(rows[-1]), flush=True)
-    del model, hf
+            to_n, to_2 = timeit(ours(n_tokens), reps), timeit(ours(2), reps)
+            ro, bound = B * (n_tokens - 2) / (to_n - to_2), B * bw / nbytes
+            if hf is None:
+                rows.append((f"decode {name} batch {B}", f"{ro:,.0f} tok/s", "", "",
+                             f"bound {bound:,.0f} tok/s ({bw / 1e12:.2f} TB/s): ours {ro / bound:.0%}"))
+            else:
+                th_n, th_1 = timeit(theirs(n_tokens // 4), reps), timeit(theirs(1), reps)
+                rh = B * (n_tokens // 4 - 1) / (th_n - th_1)
+                rows.append((f"decode {name} batch {B}", f"{ro:,.0f} tok/s", f"{rh:,.0f} tok/s", f"{ro / rh:.1f}x",
+                             f"bound {bound:,.0f} tok/s ({bw / 1e12:.2f} TB/s): ours {ro / bound:.0%}, "
+                             f"HF {rh / bound:.0%}"))
+            print(" | ".join(rows[-1]), flush=True)
+        if hf is not None:
+            text_only_row(name, model, tok, n_tokens, reps, rows, sync)
+        image_row(name, model, tok, reps, rows, sync)
+        del model, hf
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def image_row(name, model, tok, reps, rows, sync):
+    """Seconds per image: h*w codes (a 256 px image at the released shapes) with guidance's two rows, timed from the
+    prompt to the last code (prefill, the adapter's and the unconditional rows' catch-up included; the VQGAN decode
+    is its own row). A random model never opens an image by itself, so its text head is pinned to <imgbos>."""
+    c, dev = model.config, next(model.parameters()).device
+    hw, V = c.image_grid ** 2, c.llm.vocab_size
+    head = model.text_logits
+
+    def to_imgbos(h):
+        logits = head(h)
+        logits[..., V] = 1e4  # above every text logit; masked like the rest once no image fits
+        return logits
+
+    conv = [{"role": "user", "content": "Draw a quiet morning by the sea."}]
+    model.text_logits = to_imgbos  # GraphDecoder reads the model's heads (CpuDecoder has its own)
+    try:
+        def draw():
+            dec = engine.GraphDecoder(model, graphs=dev.type == "cuda")
+            (a,) = generate(model, tok, [conv], max_new_tokens=hw + 2, cfg=DEFAULT_CFG, decoder=dec)
+            sync()
+            assert len(a.images) == 1, "the pinned head should draw exactly one image"
+
+        t = timeit(draw, reps)
+    finally:
+        del model.text_logits
+    rows.append((f"image {name}, {hw} codes, cfg {DEFAULT_CFG}", f"{t:.2f} s/image", "", "",
+                 f"{hw / t:,.0f} codes/s (2 rows each step); from the prompt, VQGAN decode apart"))
+    print(" | ".join(rows[-1]), flush=True)
+
+
+def gpu_vqgan_row(rows, dev, reps=5, config=None, grid=16):
+    """VQGAN decode of one image on the device (the released Chameleon config, random weights): fp32, and bf16
+    autocast."""
+    from vqgan import VQGAN, VQGANConfig
+
+    dev = torch.device(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
+    config = config or VQGANConfig()
+    with torch.device(dev):
+        vq = VQGAN(config).eval()
+    codes = torch.randint(0, config.n_embed, (1, grid, grid), device=dev)
+    ts = []
+    for dtype in (None, torch.bfloat16):
+        @torch.inference_mode()
+        def decode():
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                vq.decode(codes)
+            sync()
+
+        ts.append(timeit(decode, reps))
+    rows.append((f"vqgan decode {grid}x{grid} codes ({dev.type})", f"{ts[0] * 1e3:.1f} ms/image", "", "",
+                 f"fp32; bf16 autocast {ts[1] * 1e3:.1f} ms; random weights"))
+    print(" | ".join(rows[-1]), flush=True)
 
 
 def t2i_batch(c, B, T, g=None):
@@ -301,6 +383,19 @@ def random_1b(dtype):
     armor.init_weights(model)
     armor.init_armor(model, seed=0)
     return model.to(dtype).eval().requires_grad_(False), bench_tokenizer(cfg.llm.vocab_size)
+
+
+def random_on(preset, dtype, dev):
+    """A preset's LLM + ARMOR's additions with random weights, made on the device in dtype (the 8B preset is ~16 GB
+    in bf16: never built in fp32 on the host); no vision tower."""
+    cfg = replace(armor.PRESETS[preset](), vision=VisionConfig(28, 14, 32, 1, 2, 64), tokens_per_tile=0,
+                  system_message=SYSTEM)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Armor(cfg)
+    model = model.to(dtype).to_empty(device=dev)
+    armor.init_weights(model)
+    return model.eval().requires_grad_(False), bench_tokenizer(cfg.llm.vocab_size)
 
 
 def load_toy():
@@ -398,31 +493,50 @@ def prefill_row(name, model, hf, n, reps, rows):
     print(" | ".join(rows[-1]), flush=True)
 
 
-def text_only_row(name, model, tok, n_tokens, reps, rows):
+def text_only_row(name, model, tok, n_tokens, reps, rows, sync=lambda: None):
     from data import encode_conversation
 
+    dev = next(model.parameters()).device
     conv = [{"role": "user", "content": PROMPT}]
-    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids])
+    ids = torch.tensor([encode_conversation(tok, model.config, conv, add_generation_prompt=True).ids], device=dev)
     bare = bare_llm(model)
 
     def plain(n):
         @torch.no_grad()
-        def run():  # through the same decode engine as sample.generate's
-            dec = engine.decoder(bare)
-            state = bare.new_state(1, ids.shape[1] + n)
-            h = dec.extend(state, ids)[:, -1]
-            for _ in range(n - 1):
-                h = dec.extend(state, dec.text_logits(h).argmax(-1)[:, None])[:, 0]
+        def run():
+            # the bare LLM's greedy loop, laid out as sample.generate's decode step (through the same decode engine:
+            # a replayed CUDA graph on a GPU, the CPU kernels on a CPU); like any answer loop it looks at each token
+            # (to stop at <|im_end|>), the one host wait per token that sample.generate makes in text too
+            dec, L = engine.decoder(bare), ids.shape[1]
+            seq = torch.zeros(1, L + n, dtype=torch.long, device=dev)
+            seq[:, :L] = ids
+            state = bare.new_state(1, L + n)
+            dec.extend(state, seq[:, :L - 1])
+            col = torch.zeros(1, dtype=torch.long, device=dev)
+
+            def step():
+                h = dec.extend(state, seq.index_select(1, col))[:, 0]
+                seq.index_copy_(1, col + 1, dec.text_logits(h).argmax(-1)[:, None])
+
+            run_step = getattr(dec, "run", None)
+            for c in range(L - 1, L - 1 + n):
+                col.fill_(c)
+                step() if run_step is None else run_step("greedy", step, col, state)
+                state.length = c + 1
+                seq[0, c + 1].item()
+            sync()
         return run
 
     def ours(n):
-        return lambda: generate(model, tok, [conv], max_new_tokens=n, text=GREEDY, cfg=DEFAULT_CFG, ignore_eos=True)
+        return lambda: (generate(model, tok, [conv], max_new_tokens=n, text=GREEDY, cfg=DEFAULT_CFG, ignore_eos=True),
+                        sync())
 
     to_n, tb_n, to_1, tb_1 = side_by_side([ours(n_tokens), plain(n_tokens), ours(1), plain(1)], reps)
     ratio = (to_n - to_1) / (tb_n - tb_1)
-    rows.append((f"text-only answer {name}", f"{(to_n - to_1) / (n_tokens - 1) * 1e3:.1f} ms/tok",
-                 f"bare LLM {(tb_n - tb_1) / (n_tokens - 1) * 1e3:.1f} ms/tok", f"{ratio:.3f}x",
-                 f"sample.generate with the adapter and --cfg {DEFAULT_CFG} vs a plain greedy loop (target <= 1.05x)"))
+    rows.append((f"text-only answer {name}", f"{(to_n - to_1) / (n_tokens - 1) * 1e3:.2f} ms/tok",
+                 f"bare LLM {(tb_n - tb_1) / (n_tokens - 1) * 1e3:.2f} ms/tok", f"{ratio:.3f}x",
+                 f"sample.generate with the adapter and --cfg {DEFAULT_CFG} vs the bare LLM's greedy loop "
+                 f"(target <= 1.05x)"))
     print(" | ".join(rows[-1]), flush=True)
 
 
@@ -482,13 +596,28 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads for every row (default: the count, 1 or "
                                                             "all cores, with the higher measured read bandwidth)")
     ap.add_argument("--device", default="cpu", help="cpu: every row; cuda: decoding and training on the GPU")
+    ap.add_argument("--smoke", action="store_true", help="the GPU table's decode, image and VQGAN rows at tiny shapes "
+                                                         "and a few tokens, on --device (a check that they run)")
     args = ap.parse_args(argv)
-    if args.device == "cuda":
+    if args.smoke:
+        from vqgan import VQGANConfig
+
         rows = []
-        gpu_decode_rows(rows)
+        tiny_vq = VQGANConfig(embed_dim=16, n_embed=64, z_channels=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                              num_groups=4)
+        gpu_decode_rows(rows, args.device, presets=("tiny", "tiny-internlm2"), n_tokens=12, reps=1,
+                        copy_bytes=2 ** 20)
+        gpu_vqgan_row(rows, args.device, reps=1, config=tiny_vq, grid=4)
+        print_table(rows)
+        return rows
+    if args.device == "cuda":
+        print(f"torch {torch.__version__} | {torch.cuda.get_device_name()}", flush=True)
+        rows = []
+        gpu_decode_rows(rows, "cuda")
+        gpu_vqgan_row(rows, "cuda")
         gpu_train_rows(rows)
         print_table(rows)
-        return
+        return rows
     n_tok, reps = (12, 2) if args.quick else (32, 3)
     rows = []
     cores = torch.get_num_threads()

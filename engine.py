@@ -1,12 +1,13 @@
 """
 The decode engine: ARMOR's generation steps made fast, beside the readable model in armor.py. On a CPU the steps go
-through packed weights and fewer kernel calls (CpuDecoder); on a GPU each step is one replayed CUDA graph
-(GraphDecoder, in the second half of this file).
+through packed weights and fewer kernel calls (CpuDecoder); on a GPU sample.generate's whole decode step (LLM, heads,
+sampling, the next ids written on the device) is one replayed CUDA graph (GraphDecoder, in the second half of this
+file).
 
   decoder = engine.decoder(model)    # what sample.generate uses (generate(..., decoder=model) goes without)
   state = model.new_state(B, max_len, pad)
   h = decoder.extend(state, ids)     # and decoder.text_logits(h), .adapter_catch_up(state), .image_logits(a)
-  python -m pytest tests/test_engine.py   # token for token against the model's plain path
+  python -m pytest tests/test_engine.py tests/test_engine_graphs.py   # token for token against the plain path
   python bench.py --kernels               # the kernels below against F.linear (GB/s of weight read)
 
 armor.py has one decode path: Block.forward with the pre-allocated KV cache and SDPA. On CPU a decode step (one new
@@ -34,7 +35,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from armor import Armor, State, make_ctx, rotate_half
+from armor import Armor, State, make_ctx
 
 _ONEDNN_BF16 = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available() \
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -61,12 +62,13 @@ def rms_norm_step(x, weight, eps):
 
 def pack(linears):
     """A group's matmuls as (kind, out_features, weight, bias): one over the stacked weights (bf16, or a small group) or
-    one per module (a big group, which then needs no stacked copy). bf16 weights (where oneDNN has bf16 kernels) are
-    stacked and prepacked for oneDNN (a copy in its own layout); the others go through F.linear."""
+    one per module (a big group, which then needs no stacked copy). bf16 weights on the CPU (where oneDNN has bf16
+    kernels) are stacked and prepacked for oneDNN (a copy in its own layout); the others (fp32, or on a GPU) go
+    through F.linear."""
     ws = [m.weight.detach() for m in linears]
     bs = [None if m.bias is None else m.bias.detach() for m in linears]
     cat = lambda ts: None if ts[0] is None else ts[0] if len(ts) == 1 else torch.cat(ts)
-    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16:
+    if ws[0].dtype == torch.bfloat16 and _ONEDNN_BF16 and ws[0].device.type == "cpu":
         w = cat(ws)
         return [("bf16", w.shape[0], torch.ops.mkldnn._reorder_linear_weight(w, 1), cat(bs))]
     parts = [(cat(ws), cat(bs))] if sum(w.numel() for w in ws) <= 1 << 22 else list(zip(ws, bs))
@@ -237,120 +239,151 @@ class CpuDecoder:
 # ---------------------------------------------------------------------------------------------------------------------
 # On a GPU: decode steps as CUDA graphs
 #
-# The same math as armor.py's cached decoding, laid out so that every step has the same
-# shapes and needs nothing from the host, so one step of the whole LLM (or of ARMOR's adapter) is captured once and
-# replayed as a single launch. At a decode step's one token per row the GPU otherwise waits on Python to launch each
-# of the step's few hundred small kernels.
+# sample.generate's decode step is one function of device tensors: the LLM on one column of every row, the head (or
+# heads) the rows' modes call for, the sampling, and the sampled ids written into the next column of the batch's id
+# buffer (sample._Batch.decode_step). GraphDecoder.run captures it once per kind of step (text, image, both, neither)
+# and replays it as a single launch: at one token per row the GPU otherwise waits on Python to launch each of the
+# step's few hundred small kernels. The ids never pass through the host on the way in; the host reads them back only
+# where the grammar needs them (sample.py).
 #
-# What differs from armor.py's plain path (which stays the reference, and which these steps are tested against):
+# What differs from armor.py's plain path inside a step (which stays the reference, and which these steps are tested
+# against):
 # - the column a step writes is a device tensor, not a Python int: the new keys and values go in with index_copy_;
 # - attention reads the whole pre-allocated cache with a mask (columns written so far, minus each row's left
-#   padding) instead of a slice that grows every step (the layout gpt-fast uses for its compiled decode step);
+#   padding) instead of a slice that grows every step (the layout gpt-fast uses for its compiled decode step), and
+#   GQA goes without repeated keys (as block_step above);
+# - fewer kernel calls per layer (at one token per row a replayed step's time is mostly its kernels' launch latency):
+#   q|k|v through one stacked weight (a copy, where small), RoPE on q and k together, one copy for the new keys and
+#   values, the attention mask made once per step;
 # - the embedding of a step's ids is the plain lookup of Armor.embed without its host-side checks (a decode step never
 #   holds <IMG_CONTEXT> placeholders).
 #
-#   dec = GraphDecoder(model)                # per generate() call: graphs belong to one State's caches
-#   h = dec.extend(state, ids)               # ids (B, 1) on the GPU -> (B, 1, d), like model.extend
-#   a = dec.adapter_catch_up(state)          # like model.adapter_catch_up
+#   dec = GraphDecoder(model)                # per generate() call: graphs hold the addresses of one batch's tensors
+#   dec.run(key, step, col, state)           # step() replayed; inside it dec.extend / dec.adapter_catch_up of one
+#                                            # column are static steps at column col (a (1,) device tensor)
 #
-# Anything else (a prefill, several columns at once, InternLM2's dynamic RoPE past its trained length) goes through
-# the model's own methods. graphs=False runs the same static steps eagerly: that is how they are tested on the CPU.
+# Outside run (the prefill, catch-ups over several columns) and where static steps do not apply (InternLM2's dynamic
+# RoPE past its trained length) the calls go to the model's own methods. graphs=False runs the same static steps
+# eagerly: that is how they are tested on the CPU.
 
 
-def static_block_step(block, x, cos, sin, k_all, v_all, col, mask):
-    """armor.Block.forward for one new column per row: x (B, 1, d); k_all, v_all (B, n_kv, T_max, hd) the layer's
-    whole cache, written at column col (a (1,) tensor); mask (B, 1, 1, T_max) the columns each row may read."""
-    a, B = block.self_attn, x.shape[0]
-    h = block.input_layernorm(x)
-    q = a.q_proj(h).view(B, 1, a.nh, a.hd).transpose(1, 2)  # (B, nh, 1, hd)
-    k = a.k_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)  # (B, nkv, 1, hd)
-    v = a.v_proj(h).view(B, 1, a.nkv, a.hd).transpose(1, 2)
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q, k = q.to(v.dtype), k.to(v.dtype)  # as Attention.forward: RoPE's tables may promote to fp32
-    k_all.index_copy_(2, col, k)
-    v_all.index_copy_(2, col, v)
-    if a.nkv != a.nh:  # GQA: query head i reads kv head i // g (as Attention.forward)
-        k_all = k_all.repeat_interleave(a.nh // a.nkv, dim=1)
-        v_all = v_all.repeat_interleave(a.nh // a.nkv, dim=1)
-    y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-    x = x + a.o_proj(y.transpose(1, 2).reshape(B, 1, a.nh * a.hd))
-    return x + block.mlp(block.post_attention_layernorm(x))
+def static_block_step(block, x, cos, sin, kv, col, mask, packs):
+    """armor.Block.forward for one new column per row, with few kernel calls (at one token per row a GPU spends a
+    step's time launching small kernels, a CPU calling them): x (B, d); cos, sin (B, 1, hd) in x's dtype, sin's first
+    half negated (see _Stack); kv (2, B, n_kv, T_max, hd) the layer's whole cache of keys and values, written at
+    column col (a (1,) tensor); mask (B, 1, 1, T_max) additive, 0 at the columns each row may read and -inf elsewhere
+    (what SDPA makes of a boolean mask, made once per step instead of once per layer). As block_step above: q|k|v in
+    one matmul (fast_linear), RoPE on q and k together, the new keys and values in one copy, GQA folded into the
+    query axis."""
+    a, m = block.self_attn, block.mlp
+    B, nh, nkv, hd = x.shape[0], a.nh, a.nkv, a.hd
+    qkv = fast_linear(packs, (a.q_proj, a.k_proj, a.v_proj), block.input_layernorm(x)).view(B, nh + 2 * nkv, hd)
+    qk = qkv[:, :nh + nkv]
+    # RoPE on q and k, written back in place: roll(x) * [-sin, sin] == rotate_half(x) * sin, exactly
+    torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
+    kv.index_copy_(3, col, qkv[:, nh:].view(B, 2, nkv, 1, hd).transpose(0, 1))  # (2, B, nkv, 1, hd): keys, values
+    # GQA without repeating the cache: the g query heads that read one kv head (head i reads kv head i // g) go in as
+    # g queries of one sequence; the mask, not causality, says what each sees
+    q = qkv[:, :nh].view(B, nkv, nh // nkv, hd)  # (B, nkv, g, hd)
+    y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).view(B, nh * hd)
+    x = _plus_linear(x, a.o_proj, y)
+    h = block.post_attention_layernorm(x)
+    return _plus_linear(x, m.down_proj, F.silu(m.gate_proj(h)) * m.up_proj(h))
 
 
-class _Step:
-    """One static decode step of a stack of blocks over one KV cache, for a fixed set of rows: its inputs live in
-    buffers that the caller fills before each run, so the step can be captured once and replayed."""
+def _plus_linear(x, linear, y):
+    """x + linear(y), the residual added in the matmul's own epilogue (addmm: one kernel where there were two)."""
+    if linear.bias is not None:
+        return x + linear(y)
+    return torch.addmm(x, y, linear.weight.t())
 
-    def __init__(self, model, blocks, cache, pad, rows, max_len, make_input, use_graph):
-        self.model, self.blocks, self.cache = model, blocks, cache
-        dev = cache.kv.device
-        self.col = torch.zeros(1, dtype=torch.long, device=dev)
+
+class _Stack:
+    """A static decode step of a stack of blocks (the LLM's layers or ARMOR's adapter) over one KV cache, for a
+    fixed set of rows: x (B, 1, d) at the column held in a device tensor -> (B, 1, d), as model.run_stack computes it
+    (packs: the stacked q|k|v weights, engine.refresh).
+    The RoPE tables of every column are made once here (in the cache's dtype, as the model's plain path uses them),
+    so a captured step holds tensors that outlive it."""
+
+    def __init__(self, model, blocks, cache, pad, rows, packs):
+        dev, T_max = cache.kv.device, cache.kv.shape[4]
+        self.blocks, self.cache, self.packs = blocks, cache, packs
         self.pad = pad if pad is not None else torch.zeros(rows, dtype=torch.long, device=dev)
-        self.cols = torch.arange(max_len, device=dev)
-        self.max_len, self.make_input = max_len, make_input
-        self.use_graph, self.graph, self.out = use_graph, None, None
+        # the mask's rows padded to a multiple of 16 columns: SDPA's CUDA kernels read an attention bias whose rows
+        # are aligned in place, and copy one that is not into a padded buffer (a kernel per layer)
+        self.cols = torch.arange(-(-T_max // 16) * 16, device=dev)
+        self.T_max = T_max
+        cos, sin = model.rotary(self.cols[None, :T_max], T_max, cache.kv.dtype)  # (1, 1, T_max, hd)
+        self.cos, self.sin = cos[0, 0], sin[0, 0] * _rope_sign(sin)  # [-sin, sin] on the two halves
+        self.no = torch.tensor(float("-inf"), dtype=cache.kv.dtype, device=dev)
+        self.yes = torch.zeros((), dtype=cache.kv.dtype, device=dev)
 
-    def _run(self):
-        x = self.make_input(self.col)  # (B, 1, d)
-        pos = (self.col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
-        cos, sin = self.model.rotary(pos, self.max_len, x.dtype)
-        mask = ((self.cols <= self.col) & (self.cols >= self.pad[:, None]))[:, None, None, :]  # (B, 1, 1, T_max)
+    def __call__(self, x, col):
+        pos = (col - self.pad).clamp(min=0)[:, None]  # (B, 1), as InternVL.positions
+        cos, sin = self.cos[pos], self.sin[pos]  # (B, 1, hd)
+        keep = (self.cols <= col) & (self.cols >= self.pad[:, None])  # (B, T_max rounded up)
+        mask = torch.where(keep, self.yes, self.no)[:, None, None, :self.T_max]  # (B, 1, 1, T_max)
+        x = x[:, 0]
         for i, block in enumerate(self.blocks):
-            x = static_block_step(block, x, cos, sin, self.cache.k[i], self.cache.v[i], self.col, mask)
-        return x
-
-    def __call__(self, col):
-        self.col.fill_(col)
-        if not self.use_graph:
-            return self._run()
-        if self.graph is None:
-            # Warm-up and capture run the step for real on this column and these ids; they write the same keys
-            # and values as the replay below, so the cache ends as one plain step would leave it.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._run()
-        self.graph.replay()
-        return self.out
+            x = static_block_step(block, x, cos, sin, self.cache.kv[i], col, mask, self.packs)
+        return x[:, None]
 
 
 class GraphDecoder:
-    """model.extend / model.adapter_catch_up for decode steps, through static steps (CUDA graphs on the GPU). One
-    per generate() call: a step's graph holds the addresses of one State's caches."""
+    """The model's decode interface (extend, adapter_catch_up, text_logits, image_logits) plus `run`, which replays a
+    whole decode step as a CUDA graph. One per generate() call: a graph holds the addresses of one batch's tensors."""
 
     def __init__(self, model: Armor, graphs=True):
         self.model, self.graphs = model, graphs
-        self.steps = {}
+        self.col = None  # inside run: the (1,) device tensor holding the column the step works on
+        self.stacks, self.captured = {}, {}
+        # q|k|v stacked into one weight per layer (a copy, kept with the model's other packs between answers; big
+        # groups stay apart and their outputs are joined)
+        ar = getattr(model, "armor", None)
+        blocks = list(model.language_model.model.layers) + ([] if ar is None else list(ar.adapter))
+        self.packs = _PACKS.setdefault(model, {})
+        refresh(self.packs, [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks])
 
     def _usable(self, state: State):
         c = self.model.config.llm
         T_max = state.llm.kv.shape[4]
         return not torch.is_grad_enabled() and not (c.rope_dynamic_factor and T_max > c.max_position_embeddings)
 
-    def _step(self, kind, state: State):
+    def run(self, key, step, col, state: State):
+        """step(): one decode step, every tensor it reads and writes allocated outside it and kept at one address
+        (its ids come from a buffer, its results go to one), the column it works on in col (a (1,) tensor the caller
+        fills). The first call per key captures it as a CUDA graph; every call replays that graph."""
+        if not self._usable(state):
+            return step()  # the model's own methods, eagerly
+        self.col = col
+        try:
+            if not self.graphs:
+                return step()
+            if key not in self.captured:
+                # A warm-up on a side stream first (as torch.cuda.graphs' docs ask: lazy inits, cuBLAS workspaces),
+                # then the capture, which runs nothing; the replay below runs the step. The warm-up writes what the
+                # replay writes (the same cache column and next ids, from the same inputs), so it leaves no trace.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                self.captured[key] = graph
+            self.captured[key].replay()
+        finally:
+            self.col = None
+
+    def _stack(self, kind, state: State):
         key = (kind, id(state))
-        if key not in self.steps:
-            m, T_max, R = self.model, state.llm.kv.shape[4], state.llm.kv.shape[2]
-            if kind == "llm":
-                ids = torch.zeros(R, 1, dtype=torch.long, device=state.llm.kv.device)
-
-                def make_input(col):
-                    return self.embed(ids)
-
-                step = _Step(m, m.language_model.model.layers, state.llm, state.pad, R, T_max, make_input,
-                             self.graphs)
-                step.ids = ids
-            else:
-                def make_input(col):
-                    return state.hidden.index_select(1, col)  # the decoder output of the column
-
-                step = _Step(m, m.armor.adapter, state.adapter, state.pad, R, T_max, make_input, self.graphs)
-            self.steps[key] = step
-        return self.steps[key]
+        if key not in self.stacks:
+            m, rows = self.model, state.llm.kv.shape[2]
+            blocks, cache = ((m.language_model.model.layers, state.llm) if kind == "llm" else
+                             (m.armor.adapter, state.adapter))
+            self.stacks[key] = _Stack(m, blocks, cache, state.pad, rows, self.packs)
+        return self.stacks[key]
 
     def embed(self, ids):
         """Armor.embed for decode ids (no image placeholders): original rows below V, the new rows from V on."""
@@ -361,24 +394,25 @@ class GraphDecoder:
         return torch.where((ids >= V)[..., None], m.armor.embed_new((ids - V).clamp(min=0)), x)
 
     def extend(self, state: State, ids, pixels=None):
-        if ids.shape[1] != 1 or pixels is not None or state.length == 0 or not self._usable(state):
+        """model.extend; inside run, one column (ids (B, 1)) as a static step at column self.col."""
+        if self.col is None or ids.shape[1] != 1 or pixels is not None:
             return self.model.extend(state, ids, pixels)
-        step = self._step("llm", state)
-        step.ids.copy_(ids)
-        h = step(state.length)
+        h = self._stack("llm", state)(self.embed(ids), self.col)
         if state.hidden is not None:
-            state.hidden.narrow(1, state.length, 1).copy_(h)
-        state.length += 1
+            state.hidden.index_copy_(1, self.col, h)
+        state.length += 1  # for the eager run; after a replay the caller sets the lengths
         return h
 
     def adapter_catch_up(self, state: State):
-        if state.length - state.adapter_length != 1 or state.adapter_length == 0 or not self._usable(state):
+        """model.adapter_catch_up; inside run, the adapter on column self.col alone (the caller caught it up to
+        there) as a static step."""
+        if self.col is None:
             return self.model.adapter_catch_up(state)
-        out = self._step("adapter", state)(state.adapter_length)
+        out = self._stack("adapter", state)(state.hidden.index_select(1, self.col), self.col)
         state.adapter_length += 1
         return out
 
-    # the heads as the model runs them (sample.generate asks its decoder for them too: engine.py's has its own)
+    # the heads as the model runs them (inside a captured step they are captured with it)
     def text_logits(self, h):
         return self.model.text_logits(h)
 

@@ -20,9 +20,13 @@ never runs it). Inside an image span the visual head may only emit codes, exactl
 forced; <imgbos> is masked when the remaining budget cannot hold a whole image. Classifier-free guidance on image
 tokens: the unconditional rows (data.make_unconditional, the form training's condition dropout uses) sit in the same
 batch, are fed the same sampled tokens, and are themselves caught up lazily when their row's batch starts an image.
-On CPU the decode steps run through engine.py (prepacked / stacked weights, fewer kernel calls; decoder=model takes the
-model's plain path, to the same tokens); bench.py measures it against transformers' generate. At the end the CLI prints
-time to first token, text and image tokens/s, seconds per image and peak memory (model loading is reported apart).
+A decode step is one function of device tensors (_Batch.decode_step: the LLM on one column, the heads the rows' modes
+call for, sampling, and the sampled ids written into the next column of the id buffer). On a GPU engine.py replays
+it as a CUDA graph, and the host reads ids back only where the grammar needs them (each text step; an image's codes
+once, at its end); on CPU it runs through engine.py's kernels (prepacked / stacked weights, fewer kernel calls).
+decoder=model takes the model's plain path, to the same tokens; bench.py measures both against transformers'
+generate. At the end the CLI prints time to first token, text and image tokens/s, seconds per image and peak memory
+(model loading is reported apart).
 
 Checkpoints load through load_armor (train.py --init too): the tokenizer comes from the checkpoint directory when it
 holds tokenizer files (tokenizer.json, vocab.json + merges.txt, or tokenizer.model), else from the base directory its
@@ -92,8 +96,12 @@ class Answer:
         return {"role": "assistant", "content": self.text, "codes": self.images}
 
 
-def sample_token(logits, s: Sampling, gen):
-    """logits (N, C) float -> (N,) long: greedy, or temperature + top-k + top-p (nucleus) sampling."""
+def sample_token(logits, s: Sampling, gen=None, noise=None):
+    """logits (N, C) float -> (N,) long: greedy, or temperature + top-k + top-p (nucleus) sampling.
+    The draw is torch.multinomial's for one sample, written out: argmax(p / q) with q ~ Exp(1) picks index i with
+    probability p_i (the Gumbel-max trick, exponentiated), with q drawn from gen here or passed in as noise. Written
+    out because multinomial checks its input on the host, a sync that a CUDA graph cannot hold; so the decode step
+    (captured on CUDA) takes noise drawn before it runs, and the same generator gives multinomial's very tokens."""
     if s.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / s.temperature
@@ -105,7 +113,9 @@ def sample_token(logits, s: Sampling, gen):
         p = srt.softmax(-1)
         drop = p.cumsum(-1) - p > s.top_p  # keep the shortest prefix whose mass reaches top_p (the top token always)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    p = logits.softmax(-1)
+    q = noise if noise is not None else torch.empty_like(p).exponential_(generator=gen)
+    return (p / q).argmax(-1)
 
 
 def _rows(state: State, rows: slice) -> State:
@@ -116,7 +126,8 @@ def _rows(state: State, rows: slice) -> State:
                  state.adapter_length)
 
 
-TEXT, IMAGE, IMGEND = 0, 1, 2  # what a row's next token is: from the text head, a code, the forced <imgend>
+# what a row's next token is: from the text head, a code, the forced <imgend>, or none (the answer is done)
+TEXT, IMAGE, IMGEND, DONE = 0, 1, 2, 3
 
 
 @dataclass
@@ -125,17 +136,19 @@ class _Row:
     (text ... <imgbos> h*w codes <imgend> text ... <|im_end|>)."""
     mode: int = TEXT
     done: bool = False
-    ids: list = field(default_factory=list)  # every generated id
+    ids: list = field(default_factory=list)  # every generated id (an image's codes read in when the image ends)
     segments: list = field(default_factory=list)  # finished segments: str, or a code grid (h, w)
     text_ids: list = field(default_factory=list)  # the current text segment's ids
     shown: int = 0  # how many of its characters were streamed (on_text)
-    codes: list = field(default_factory=list)  # the current image's codes
+    window: int = 0  # text_ids[window:] is what the next piece is decoded from (see _stream)
+    sent: int = 0  # text_ids[:sent] are streamed
+    codes: int = 0  # codes of the current image so far
 
 
 def _prompts(model, tok, conversations, images, n, T, guided):
     """The prompts by cache column, left-padded to the longest (L columns), n rows per conversation; with guidance
-    the unconditional rows B..2B-1 mirror the conditional ones (their generated columns are written when they catch
-    up: see _Batch.feed). -> (seq (G, T) ids, pad (B,) left padding, pixels or None, L)."""
+    the unconditional rows B..2B-1 mirror the conditional ones (their generated columns are the conditional rows'
+    ids, written into both halves by each step). -> (seq (G, L + T) ids, pad (B,) left padding, pixels or None, L)."""
     c, dev = model.config, next(model.parameters()).device
     images = images or [[] for _ in conversations]
     if len(images) != len(conversations):
@@ -157,56 +170,10 @@ def _prompts(model, tok, conversations, images, n, T, guided):
     return seq, pad, torch.cat(pixels).to(dev) if pixels else None, L
 
 
-class _Batch:
-    """The KV caches of the B answer rows (and, with guidance, of their B unconditional twins) and the feeding of
-    each step's column of sampled ids. The unconditional rows only matter to the visual head, so while every row
-    writes text they stand still and the columns they missed wait in `lag`; they catch up in one call when an image
-    starts."""
-
-    def __init__(self, model, seq, pad, guided, decoder):
-        # decoder: the model itself, engine.CpuDecoder or engine.GraphDecoder (its decode steps as CUDA graphs)
-        self.model, self.seq, self.guided, self.decoder = model, seq, guided, decoder
-        self.B, G = len(pad), seq.shape[0]
-        self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
-        self.cond = _rows(self.state, slice(0, self.B)) if guided else self.state
-        self.uncond = _rows(self.state, slice(self.B, G)) if guided else None
-        self.lag = []  # the columns only the conditional rows have read (their ids), not yet written to seq
-        # A step's column of ids (B or G rows): on CPU written into a buffer through its numpy view, made once, so
-        # that no step makes a tensor (torch.tensor and .numpy() each make several kernel calls; a toy step is mostly
-        # calls)
-        self.dev = seq.device
-        self.col_ids = {k: torch.empty(k, 1, dtype=torch.long) for k in {self.B, G}} if self.dev.type == "cpu" else None
-        self.col_np = {k: t.numpy() for k, t in self.col_ids.items()} if self.col_ids else None
-
-    def ids_of(self, tokens):
-        if self.col_ids is None:
-            return torch.tensor([[t] for t in tokens], device=self.dev)
-        self.col_np[len(tokens)][:, 0] = tokens
-        return self.col_ids[len(tokens)]
-
-    def feed(self, col, nxt, need_visual):
-        """Run column col (nxt: its B ids) through the LLM -> decoder outputs (B, d) of the conditional rows. When a
-        visual step follows and guidance is on, the unconditional rows first catch up in one call."""
-        model, B, state, cond, uncond, lag = self.model, self.B, self.state, self.cond, self.uncond, self.lag
-        if self.guided and need_visual:
-            if uncond.length < col:
-                if lag:  # the columns [col - len(lag), col): seq is only read here
-                    self.seq[B:, col - len(lag):col] = torch.tensor(lag, device=self.dev).T
-                    lag.clear()
-                model.extend(uncond, self.seq[B:, uncond.length:col])
-            state.length = col
-            h = self.decoder.extend(state, self.ids_of(nxt * 2))[:B, 0]
-            cond.length = uncond.length = state.length
-            return h
-        if self.guided:
-            lag.append(nxt)
-        return self.decoder.extend(cond, self.ids_of(nxt))[:, 0]
-
-
 def _text_biases(model, tok):
     """Text head masks (added to the logits over [0, V], V = <imgbos>): <IMG_CONTEXT> only ever stands for
     input-image features, and ids past the tokenizer's vocabulary (padded embedding rows) have no text. The second
-    also masks <imgbos>, for rows whose budget cannot hold a whole image."""
+    also masks <imgbos>, for when the budget left cannot hold a whole image."""
     c, dev = model.config, next(model.parameters()).device
     V = c.llm.vocab_size
     text_bias = torch.zeros(V + 1, device=dev)
@@ -217,34 +184,132 @@ def _text_biases(model, tok):
     return text_bias, no_room
 
 
-def _sample_text(model, decoder, h, rows, trows, budget, biases, s: Sampling, gen):
-    """The text head's next ids for the rows trows (those writing text) -> list."""
-    c = model.config
-    V, hw = c.llm.vocab_size, c.image_grid ** 2
-    # no room left for <imgbos> + h*w codes + <imgend> in some rows (then usually all: budgets end together)
-    short = [i for i, r in enumerate(trows) if budget - len(rows[r].ids) < hw + 2]
-    bias = biases[1] if len(short) == len(trows) else biases[0]
-    logits = decoder.text_logits(h if len(trows) == len(rows) else h[trows]) + bias  # float32, as bias is
-    if 0 < len(short) < len(trows):
-        logits[short, V] = float("-inf")
-    return sample_token(logits, s, gen).tolist()
+class _Batch:
+    """The KV caches of the B answer rows (and, with guidance, of their B unconditional twins), the ids of every row
+    by column (seq, on the model's device), and the decode step.
 
+    A step reads column col of seq and writes its sampled ids into column col + 1 (decode_step), on the device: on
+    CUDA the decoder replays it as a CUDA graph, and the host copies no ids in. The unconditional rows only matter to
+    the visual head, so while every row writes text they stand still (their missed columns are already in seq, the
+    conditional rows' ids) and catch up in one call when an image starts; the adapter's cache is filled the same way,
+    so a text-only answer never runs the adapter."""
 
-def _sample_codes(model, batch, irows, cfg, s: Sampling, gen):
-    """The visual head's next codes for the rows irows (those drawing) -> list of code-vocabulary ids. <imgpad> never
-    and <imgend> only when forced, so only the codes compete; with guidance logits = u + cfg * (c - u)."""
-    a = batch.decoder.adapter_catch_up(batch.state)[:, -1]  # (G, d): the adapter over every column it has not seen
-    idx = irows + [batch.B + r for r in irows] if batch.guided else irows
-    logits = batch.decoder.image_logits(a[idx])[:, 2:].float()
-    if batch.guided:
-        k = len(irows)
-        logits = logits[k:] + cfg * (logits[:k] - logits[k:])
-    return sample_token(logits, s, gen).tolist()
+    def __init__(self, model, tok, seq, pad, guided, decoder, cfg, text: Sampling, image: Sampling, gen):
+        # decoder: the model itself, engine.CpuDecoder, or engine.GraphDecoder (which captures decode_step)
+        c, dev = model.config, seq.device
+        self.model, self.seq, self.guided, self.decoder, self.dev = model, seq, guided, decoder, dev
+        self.cfg, self.text, self.image, self.gen, self.hw = cfg, text, image, gen, c.image_grid ** 2
+        self.B, G = len(pad), seq.shape[0]
+        self.state = model.new_state(G, seq.shape[1], pad=pad.repeat(2) if guided else pad)
+        self.cond = _rows(self.state, slice(0, self.B)) if guided else self.state
+        self.uncond = _rows(self.state, slice(self.B, G)) if guided else None
+        # what a step reads besides seq and the caches: device tensors at fixed addresses, changed between steps
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)  # the column the step reads
+        self.modes = None
+        self.rowinfo = torch.zeros(2, self.B, dtype=torch.long, device=dev)  # each row's mode, and its forced id
+        self.mode, self.forced_ids = self.rowinfo  # views, made once (as are the next two)
+        self.rows_of = {R: seq[:R] for R in (self.B, G)}  # the ids of the first R rows
+        self.halves = seq.view(G // self.B, self.B, -1)  # (1 or 2, B, L + T): a guided batch's halves
+        self.biases = _text_biases(model, tok)
+        self.bias = self.biases[0].clone()  # text head bias: biases[1] once the budget cannot hold an image
+        self.short = False
+        V, K, B = c.llm.vocab_size, c.num_image_codes, self.B
+        self.noise = {h: torch.empty(B, n, device=dev) if s.temperature > 0 else None
+                      for h, s, n in (("text", text, V + 1), ("image", image, K))}  # sample_token's Exp(1) draws
+        self.index = {}  # device index tensors of row subsets, by rows
+        self.forced = [tok.pad, tok.pad, c.imgend_id, tok.pad]  # the id a row of each mode gets without a head
+        # ids read back through pinned memory on CUDA: one copy, then a wait for it alone
+        self.pinned = (torch.empty(B * max(self.hw, 1), dtype=torch.long, pin_memory=True)
+                       if dev.type == "cuda" else None)
+
+    def step(self, col, modes, short):
+        """One decode step: column col through the LLM, and the next ids of the rows, by their modes (TEXT, IMAGE,
+        IMGEND, DONE), into column col + 1. short: the budget left cannot hold a whole image (<imgbos> masked)."""
+        B, state, cond, uncond = self.B, self.state, self.cond, self.uncond
+        text, image = TEXT in modes, IMAGE in modes
+        same = len(set(modes)) == 1  # every row takes the one head's id (or every row a forced one)
+        if modes != self.modes:  # rows change mode a few times per image: then the device learns
+            info = torch.tensor([modes, [self.forced[m] for m in modes]])
+            self.rowinfo.copy_(info.pin_memory() if self.pinned is not None else info, non_blocking=True)
+            self.modes = modes
+        if short and not self.short:
+            self.bias.copy_(self.biases[1])
+            self.short = True
+        if image:  # the visual head reads the adapter, over every row's twin with guidance: both catch up first
+            if self.guided and uncond.length < col:
+                self.model.extend(uncond, self.seq[B:, uncond.length:col])  # the columns it stood still for
+            state.length = col
+            if state.adapter_length < col:
+                self.model.adapter_catch_up(state)
+        if text:
+            self._draw("text", [r for r, m in enumerate(modes) if m == TEXT])
+        if image:
+            self._draw("image", [r for r, m in enumerate(modes) if m == IMAGE])
+        self.col.fill_(col)
+        run = getattr(self.decoder, "run", None)  # engine.GraphDecoder replays the step as a CUDA graph
+        if run is None:
+            self.decode_step(text, image, same)
+        else:
+            run((text, image, same), lambda: self.decode_step(text, image, same), self.col, state)
+        # the lengths the step's extend calls advance (a replayed graph runs no Python)
+        cond.length = col + 1
+        if image:
+            state.length = state.adapter_length = col + 1
+            if self.guided:
+                uncond.length = col + 1
+
+    def _draw(self, head, rows):
+        """The Exp(1) noise of a sampling head, drawn for its rows as sample_token would draw it for them alone."""
+        noise = self.noise[head]
+        if noise is None:  # greedy
+            return
+        if len(rows) == self.B:
+            noise.exponential_(generator=self.gen)
+            return
+        key = tuple(rows)
+        if key not in self.index:
+            self.index[key] = torch.tensor(rows, device=self.dev)
+        q = torch.empty(len(rows), noise.shape[1], device=self.dev).exponential_(generator=self.gen)
+        noise.index_copy_(0, self.index[key], q)
+
+    def decode_step(self, text, image, same):
+        """The step itself, device tensors only (what engine.GraphDecoder captures): the LLM on column self.col of
+        the rows that need it, the text head if some row writes text, the adapter and the visual head if some row
+        draws, each row's next id chosen by its mode (same: all rows in one mode), written into column
+        self.col + 1."""
+        B, d, c = self.B, self.decoder, self.model.config
+        st = self.state if image and self.guided else self.cond  # the unconditional rows step only to draw
+        h = d.extend(st, self.rows_of[st.llm.kv.shape[2]].index_select(1, self.col))[:B, 0]  # (B, d)
+        nxt = self.forced_ids  # <imgend> in IMGEND rows, padding in finished ones
+        if text:  # text head over [0, V] (V = <imgbos>)
+            logits = d.text_logits(h) + self.bias  # float32, as bias is
+            t = sample_token(logits, self.text, noise=self.noise["text"])
+            nxt = t if same else torch.where(self.mode == TEXT, t, nxt)
+        if image:  # the visual head: <imgpad> never and <imgend> only when forced, so only the codes compete
+            logits = d.image_logits(d.adapter_catch_up(self.state)[:, -1])[:, 2:].float()  # (G, K)
+            if self.guided:  # classifier-free guidance: u + cfg * (c - u)
+                logits = logits[B:] + self.cfg * (logits[:B] - logits[B:])
+            code = sample_token(logits, self.image, noise=self.noise["image"]) + c.code_offset
+            nxt = code if same else torch.where(self.mode == IMAGE, code, nxt)
+        # both halves of a guided batch: the unconditional rows read the same ids when they catch up
+        self.halves.index_copy_(2, self.col + 1, nxt.view(1, B, 1).expand(len(self.halves), B, 1))
+
+    def read(self, a, b):
+        """The conditional rows' ids of columns [a, b) -> lists (B of b - a): the host waits for the steps that
+        write them, and only for those."""
+        ids = self.seq[:self.B, a:b]
+        if self.pinned is None:
+            return ids.tolist()
+        out = self.pinned[:ids.numel()].view(ids.shape)
+        out.copy_(ids, non_blocking=True)
+        torch.cuda.current_stream(self.dev).synchronize()
+        return out.tolist()
 
 
 def _advance(r, row: _Row, t, model, tok, budget, ignore_eos, on_text, on_image):
     """Append token t to row r and move it along the grammar: a text piece streamed, an image started or finished,
-    the answer done at <|im_end|> or at the end of its budget."""
+    the answer done at <|im_end|> or at the end of its budget. Inside an image t is None (a code the host has not
+    read); its codes are in row.ids by the time its <imgend> comes."""
     c = model.config
     row.ids.append(t)
     if row.mode == TEXT:
@@ -252,20 +317,18 @@ def _advance(r, row: _Row, t, model, tok, budget, ignore_eos, on_text, on_image)
             row.done = True
         elif t == c.imgbos_id:
             _end_text(r, row, tok, on_text)
-            row.mode, row.codes = IMAGE, []
+            row.mode, row.codes = IMAGE, 0
         else:
             row.text_ids.append(t)
             if on_text is not None:
-                s = tok.decode(row.text_ids)
-                if not s.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    on_text(r, s[row.shown:])
-                    row.shown = len(s)
+                _stream(r, row, tok, on_text)
     elif row.mode == IMAGE:
-        row.codes.append(t - c.code_offset)
-        if len(row.codes) == c.image_grid ** 2:
+        row.codes += 1
+        if row.codes == c.image_grid ** 2:
             row.mode = IMGEND
     else:  # the forced <imgend>: the image is complete
-        grid = torch.tensor(row.codes).view(c.image_grid, c.image_grid)
+        hw = c.image_grid ** 2
+        grid = torch.tensor(row.ids[-hw - 1:-1]).view(c.image_grid, c.image_grid) - c.code_offset
         row.segments.append(grid)
         if on_image is not None:
             on_image(r, grid)
@@ -276,14 +339,28 @@ def _advance(r, row: _Row, t, model, tok, budget, ignore_eos, on_text, on_image)
         _end_text(r, row, tok, on_text)
 
 
+def _stream(r, row: _Row, tok, on_text):
+    """Stream what the text's newest ids add, decoding a short window instead of the whole text each time: the ids
+    not yet streamed, behind the last streamed piece's ids (context that a tokenizer's decoding of spaces may need).
+    A piece that ends in U+FFFD waits: its last ids are part of a multi-byte character whose rest is still to come."""
+    ids = row.text_ids
+    head, s = tok.decode(ids[row.window:row.sent]), tok.decode(ids[row.window:])
+    if s.endswith("\ufffd") or not s.startswith(head):
+        return
+    if len(s) > len(head):
+        on_text(r, s[len(head):])
+        row.shown += len(s) - len(head)
+    row.window, row.sent = row.sent, len(ids)
+
+
 def _end_text(r, row: _Row, tok, on_text):
-    """Close the current text segment: stream what is left of it, keep it if not empty."""
+    """Close the current text segment (decoded whole, once): stream what is left of it, keep it if not empty."""
     s = tok.decode(row.text_ids)
     if on_text is not None and len(s) > row.shown:
         on_text(r, s[row.shown:])
     if s:
         row.segments.append(s)
-    row.text_ids, row.shown = [], 0
+    row.text_ids, row.shown, row.window, row.sent = [], 0, 0, 0
 
 
 @torch.no_grad()
@@ -301,22 +378,22 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     on_text(row, piece): streamed text; on_image(row, codes (h, w)): called as soon as an image span ends.
     ignore_eos: do not stop at <|im_end|> (benchmarks: a fixed number of tokens).
     stats: a dict filled with timings and token counts (see print_stats).
-    decoder: what runs the decode steps (extend, adapter_catch_up, text_logits, image_logits): None picks
-      engine.GraphDecoder on CUDA and engine.CpuDecoder elsewhere; tests pass the model (the reference),
-      engine.decoder(model) or engine.GraphDecoder(model, graphs=False).
+    decoder: what runs the decode steps (extend, adapter_catch_up, text_logits, image_logits; and run, where it
+      replays them as CUDA graphs): None picks engine.GraphDecoder on CUDA and engine.CpuDecoder elsewhere; tests
+      pass the model (the reference), engine.decoder(model) or engine.GraphDecoder(model, graphs=False).
     """
     c, dev = model.config, next(model.parameters()).device
+    hw = c.image_grid ** 2
     t0 = time.perf_counter()
     guided = cfg != 1.0
     seq, pad, pixels, L = _prompts(model, tok, conversations, images, n, max_new_tokens, guided)
     if decoder is None:  # CUDA graphs or CPU kernels where a step's kernel calls cost more than its work
         decoder = engine.decoder(model)
-    batch = _Batch(model, seq, pad, guided, decoder)
-    B = batch.B
-    biases = _text_biases(model, tok)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    batch = _Batch(model, tok, seq, pad, guided, decoder, cfg, text, image, gen)
+    B = batch.B
 
-    h = model.extend(batch.cond, seq[:B, :L], pixels)[:, -1]  # prefill: (B, d) at the last prompt column
+    model.extend(batch.cond, seq[:B, :L - 1], pixels)  # prefill: every prompt column but the last (the first step's)
     t_prefill = time.perf_counter()
     rows = [_Row() for _ in range(B)]
     t_first, n_text, n_img = None, 0, 0
@@ -324,29 +401,28 @@ def generate(model, tok, conversations, images=None, n=1, max_new_tokens=512, te
     k_text = k_img = 0
     for step in range(max_new_tokens):
         ts = time.perf_counter()
-        nxt = [tok.pad] * B
-        trows = [r for r, row in enumerate(rows) if not row.done and row.mode == TEXT]
-        irows = [r for r, row in enumerate(rows) if not row.done and row.mode == IMAGE]
-        if trows:  # text head over [0, V] (V = <imgbos>)
-            for r, t in zip(trows, _sample_text(model, batch.decoder, h, rows, trows, max_new_tokens, biases, text,
-                                                gen)):
-                nxt[r] = t
-        if irows:
-            for r, t in zip(irows, _sample_codes(model, batch, irows, cfg, image, gen)):
-                nxt[r] = t + c.code_offset
+        col = L - 1 + step  # the step reads column col and samples column col + 1
+        modes = [DONE if row.done else row.mode for row in rows]
+        # <imgbos> only where h*w codes and <imgend> still fit (every live row has made `step` tokens)
+        batch.step(col, modes, short=max_new_tokens - step < hw + 2)
+        # The host reads ids only where the grammar needs them: each step some row writes text (did it open an
+        # image? end?), and an image's codes when it ends, in one copy. Inside an image it knows what comes (h*w
+        # codes, then <imgend>) and does not wait for the GPU.
+        ids = batch.read(col + 1, col + 2) if TEXT in modes else None
+        codes = batch.read(col + 1 - hw, col + 1) if IMGEND in modes else None
         # a step that makes image tokens counts as image time, with every token it makes
-        drew = bool(irows) or any(row.mode == IMGEND and not row.done for row in rows)
-        made = sum(not row.done for row in rows)
+        drew = IMAGE in modes or IMGEND in modes
+        made = sum(m != DONE for m in modes)
         for r, row in enumerate(rows):
             if row.done:
                 continue
-            t = nxt[r] = c.imgend_id if row.mode == IMGEND else nxt[r]
+            if row.mode == IMGEND:
+                row.ids[-hw:] = codes[r]
+            t = ids[r][0] if row.mode == TEXT else c.imgend_id if row.mode == IMGEND else None
             n_text, n_img = n_text + (row.mode == TEXT), n_img + (row.mode != TEXT)
             _advance(r, row, t, model, tok, max_new_tokens, ignore_eos, on_text, on_image)
         if t_first is None:
             t_first = time.perf_counter()
-        if not all(row.done for row in rows):
-            h = batch.feed(L + step, nxt, any(not row.done and row.mode == IMAGE for row in rows))
         if drew:
             t_img, k_img = t_img + time.perf_counter() - ts, k_img + made
         else:

@@ -273,7 +273,9 @@ def test_text_only_answer_never_runs_the_adapter(tok):
     generate(m2, tok, [ask("what colour is the sky?")], max_new_tokens=40, text=GREEDY, cfg=3.0, decoder=m2)
     assert len(calls2) > 1  # the spy sees the adapter: the catch-up, then the image's decode steps
     L = len(encode_conversation(tok, c, ask("what colour is the sky?"), add_generation_prompt=True).ids)
-    assert seen2[:4] == [(1, L), (1, 1), (1, L + 1), (2, 1)]  # prefill, "Sure", catch-up to <imgbos>, both rows
+    # the prefill (all but the last prompt column), the steps that read the last prompt column and "Sure", the
+    # unconditional row's catch-up to <imgbos>, then both rows
+    assert seen2[:5] == [(1, L - 1), (1, 1), (1, 1), (1, L + 1), (2, 1)]
 
 
 # --- the KV cache -----------------------------------------------------------------------------------------------
@@ -306,6 +308,44 @@ def test_sample_token_filters():
 
 def sample_token_set(logits, s, g):
     return set(sample.sample_token(logits, s, g).tolist())
+
+
+def test_sample_token_draws_as_multinomial():
+    # sample_token writes torch.multinomial's one-sample draw out (no host-side checks, so a CUDA graph can hold it):
+    # from the same generator state it picks the same tokens, with every filter, and with the noise passed in
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    for s in (Sampling(1.0), Sampling(0.7, 10, 1.0), Sampling(1.3, 0, 0.8), Sampling(0.9, 20, 0.9)):
+        for seed in range(20):
+            x = logits / s.temperature
+            if s.top_k:
+                x = x.masked_fill(x < torch.topk(x, s.top_k).values[:, -1:], float("-inf"))
+            if s.top_p < 1:
+                srt, idx = x.sort(-1, descending=True)
+                p = srt.softmax(-1)
+                x = torch.full_like(x, float("-inf")).scatter(-1, idx, srt.masked_fill(p.cumsum(-1) - p > s.top_p,
+                                                                                      float("-inf")))
+            want = torch.multinomial(x.softmax(-1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+            got = sample.sample_token(logits, s, torch.Generator().manual_seed(seed))
+            noise = torch.empty(3, 50).exponential_(generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want) and torch.equal(sample.sample_token(logits, s, noise=noise), want)
+
+
+def test_text_streams_in_short_windows_that_add_up(tok, monkeypatch):
+    # Streaming decodes a few ids per new token, not the whole text so far; the pieces add up to the text, and the
+    # bytes of a multi-byte character (the tokenizer spells them as separate ids) wait until it is whole.
+    text = "Sure, here it is: a café by the sea, 日本の海 and a red circle. done"
+    ids = tok.encode(text, add_bos=False)
+    assert tok.decode(ids) == text and any(tok.decode(ids[:k]).endswith("\ufffd") for k in range(len(ids)))
+    seen, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda i, *a: seen.append(len(i)) or decode(i, *a))
+    row, pieces = sample._Row(), []
+    for t in ids:
+        row.text_ids.append(t)
+        sample._stream(0, row, tok, lambda r, s: pieces.append(s))
+    assert len(pieces) > len(text) // 4 and not any("\ufffd" in p for p in pieces)
+    assert max(seen) <= 8 < len(ids)  # short windows
+    sample._end_text(0, row, tok, lambda r, s: pieces.append(s))
+    assert "".join(pieces) == text and row.segments == [text]
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
