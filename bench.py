@@ -5,7 +5,7 @@ Speed of ARMOR's generation and training, each row measured side by side in one 
   python bench.py --quick     # fewer tokens and repeats (about 2 minutes)
   python bench.py --kernels   # only the decode-kernel table: GB/s of weight read, F.linear vs engine.py's
   python bench.py --device cuda          # the GPU table (about 4 minutes on an H200): figures/bench_cuda.txt
-  python bench.py --device cpu --smoke   # the GPU table's decode, image and VQGAN rows at tiny shapes (seconds)
+  python bench.py --device cpu --smoke   # the GPU table's rows at tiny shapes (seconds)
 
 Rows:
   decode      tokens/s of sample.generate vs transformers' Qwen2ForCausalLM.generate on the same weights (an
@@ -32,7 +32,8 @@ measured in the run):
   image       seconds per image (h*w = 256 codes at 256 px) with guidance's two rows, 1B shape and 8B preset, the
               text head pinned to <imgbos> (a random model never opens an image by itself).
   vqgan       decode of one 16x16 grid on the GPU, fp32 and bf16 autocast.
-  train       stage-2 steps at the 1B shape and the 8B preset, MFU against the bf16 matmul rate measured in the run.
+  train       stage-2 steps at the 1B shape (batch 16 and 64, the latter also with activation checkpointing) and the
+              8B preset, MFU against the bf16 matmul rate measured in the run.
 The vision tower is left out of the 1B-shaped model (a 1-layer stand-in): no row here feeds it an image.
 Threads: every row runs at one thread count, by default the one (1 or all cores) at which decode-shaped bf16 GEMVs
 run fastest at startup; on a loaded machine a second thread stalls every parallel kernel. The load average is printed.
@@ -200,49 +201,62 @@ def bench_tokenizer(vocab_size):
     return tok
 
 
-def gpu_train_rows(rows, reps=5):
-    """On CUDA, as train.py runs there: bf16 autocast, the frozen base matmuls stored in bf16 (armor.frozen_matmuls),
-    trainable tensors fp32, fused AdamW. A stage-2 t2i step at the 1B shape and the 8B preset, each LLM with
-    ARMOR's additions (no vision tower: t2i data never runs it). Peak memory is what the step held at its highest;
-    MFU is against the bf16 matmul rate measured in the same run."""
-    dev = torch.device("cuda")
-    a, b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16), torch.randn(8192, 8192, device=dev,
-                                                                                  dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / timeit(lambda: (a @ b, torch.cuda.synchronize()), 10)
-    print(f"{torch.cuda.get_device_name()} | bf16 matmul 8192^3: {peak / 1e12:,.0f} TFLOP/s", flush=True)
+# (preset, batch, activation checkpointing) of the GPU training rows: the 1B shape at the batch of 16 earlier tables
+# used and at one that fills an H200, with and without checkpointing (which trades a second forward for memory)
+TRAIN_SHAPES = (("internvl2_5-1b", 16, False), ("internvl2_5-1b", 64, False), ("internvl2_5-1b", 64, True),
+                ("internvl2_5-8b", 8, False))
+
+
+def gpu_train_rows(rows, dev="cuda", shapes=TRAIN_SHAPES, reps=5, peak_n=8192):
+    """As train.py runs on a GPU: bf16 autocast, the frozen base matmuls stored in bf16 (armor.frozen_matmuls),
+    trainable tensors fp32, fused AdamW. Stage-2 t2i steps, each LLM with ARMOR's additions (no vision tower: t2i
+    data never runs it), optionally with activation checkpointing (train.py --grad-ckpt). Peak memory is what the
+    step held at its highest; MFU is against the bf16 matmul rate measured in the same run."""
+    dev = torch.device(dev)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a, b = (torch.randn(peak_n, peak_n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    peak = 2 * peak_n ** 3 / timeit(lambda: (a @ b, sync()), 10)
+    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'} | bf16 matmul {peak_n}^3: {peak / 1e12:,.3g} TFLOP/s",
+          flush=True)
     del a, b
-    for preset, B in (("internvl2_5-1b", 16), ("internvl2_5-8b", 8)):
+    for preset, B, ckpt in shapes:
         cfg = replace(armor.PRESETS[preset](), vision=VisionConfig(28, 14, 32, 1, 2, 64), tokens_per_tile=0)
+        T = min(320, cfg.image_grid ** 2 + 64)
         with torch.device("meta"):
             model = Armor(cfg)
         model.to_empty(device=dev)
         armor.init_weights(model)
         armor.init_armor(model, seed=0)
         n = armor.set_trainable(model, stage=2)
+        model.train()
+        model.grad_ckpt = ckpt
         for p in armor.frozen_matmuls(model):
             p.data = p.data.to(torch.bfloat16)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        ids, targets, n_img = t2i_batch(cfg, B, 320)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda or None)
+        ids, targets, n_img = t2i_batch(cfg, B, T)
         ids, targets = ids.to(dev), targets.to(dev)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
                 out = model(ids, targets=targets, alpha=0.0, beta=1.0)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
 
         t = timeit(step, reps)
-        flops = stage2_flops_per_step(model, B, 320, n_img)
-        gib = torch.cuda.max_memory_allocated() / 2 ** 30
-        rows.append((f"train stage 2, {preset}, bf16, {B}x320 tokens", f"{B * 320 / t:,.0f} tok/s",
-                     f"{t * 1000:.0f} ms/step", f"MFU {flops / t / peak:.0%}",
-                     f"peak memory {gib:.1f} GiB; {n:,} trainable parameters"))
+        flops = stage2_flops_per_step(model, B, T, n_img)
+        mem = f"peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB; " if cuda else ""
+        rows.append((f"train stage 2, {preset}, bf16, {B}x{T} tokens" + (", activation checkpointing" if ckpt else ""),
+                     f"{B * T / t:,.0f} tok/s", f"{t * 1000:.0f} ms/step", f"MFU {flops / t / peak:.0%}",
+                     f"{mem}{n:,} trainable parameters"))
         print(" | ".join(rows[-1]), flush=True)
         del model, opt, ids, targets
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def gpu_decode_rows(rows, dev, presets=("internvl2_5-1b", "internvl2_5-8b"), n_tokens=200, reps=2,
@@ -608,6 +622,7 @@ def main(argv=None):
         gpu_decode_rows(rows, args.device, presets=("tiny", "tiny-internlm2"), n_tokens=12, reps=1,
                         copy_bytes=2 ** 20)
         gpu_vqgan_row(rows, args.device, reps=1, config=tiny_vq, grid=4)
+        gpu_train_rows(rows, args.device, shapes=(("tiny", 2, False), ("tiny", 2, True)), reps=1, peak_n=256)
         print_table(rows)
         return rows
     if args.device == "cuda":
