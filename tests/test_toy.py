@@ -155,6 +155,43 @@ def test_vqgan_ceiling_counts_what_the_tokenizer_lets_through():
     assert ev.eval_ceiling(vq, 4, seed=3)["overall"] <= 0.2
 
 
+def _shape_questions(n, seed):
+    """Single-object pictures asked "What shape is the <colour> object?": the colour is in the question, so the
+    answer's shape word is right only if the model reads the shape from the picture."""
+    import random
+    rng, out = random.Random(seed), []
+    for i in range(n):
+        s, c = rng.choice(pictures.SHAPES), rng.choice(list(pictures.COLOURS))
+        pic = pictures.Picture("objects", pictures.place([(s, c)], rng), pictures.random_background(rng))
+        out.append({"id": f"shape-{seed}-{i}", "type": "ti2t", "image": [pictures.render(pic)], "out_images": [],
+                    "conversations": [{"from": "human", "value": f"<image>\nWhat shape is the {c} object?"},
+                                      {"from": "gpt", "value": f"The {s} is {c}."}],
+                    "spec": {"kind": "shape", "answer": s}})
+    return out
+
+
+@pytest.mark.e2e
+def test_base_learns_to_read_shapes(tmp_path):
+    """The base recipe's learning rate lets a base trained from scratch read shapes: 250 steps of stage 0 on
+    single-object shape questions answer held-out ones right. At the 2e-3 the base once trained with, the shape
+    word's loss stayed at ln 3 (chance) on this task for 400 steps, and the base answered shape questions no better
+    than by guessing: colours, which a mean over the picture gives, were all it read."""
+    import train
+    from tokenizer import Tokenizer
+    from toy import eval as ev
+    from toy import pipeline
+    path = world.write_dataset(_shape_questions(3000, seed=1), str(tmp_path), "ti2t")
+    _, batch, lr, _ = pipeline.TRAIN[0]
+    model = train.main(["--stage", "0", "--preset", "toy", "--tokenizer", str(TOY / "base"), "--data", f"ti2t={path}",
+                        "--steps", "250", "--batch-size", str(batch), "--lr", str(lr), "--warmup", "25",
+                        "--dtype", pipeline._amp(), "--out", str(tmp_path / "base"), "--save-every", "1000"]).eval()
+    held = _shape_questions(150, seed=2)
+    answers = ev.base_answers(model, Tokenizer.from_dir(TOY / "base"),
+                              [q["conversations"][0]["value"] for q in held], [q["image"] for q in held])
+    right = sum(world.score_answer(q["spec"], a) for q, a in zip(held, answers)) / len(held)
+    assert right >= 0.9, (right, answers[:5])
+
+
 # --- the pipeline ----------------------------------------------------------------------------------------------------
 
 
@@ -194,7 +231,7 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = (tmp_path / "eval.md").read_text()
     for row in ("training compositions", "held-out compositions", "scene accuracy", "understanding (ti2t accuracy)",
-                "response modality, overall", "ti2ti"):
+                "understanding by question kind", "response modality, overall", "ti2ti"):
         assert row in table
     # a train.py run names the VQGAN its code cache was made with: eval.py scores it with no other flag
     stage3, vq = tmp_path / "runs" / "stage3", tmp_path / "runs" / "vqgan"

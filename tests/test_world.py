@@ -250,6 +250,10 @@ def test_eval_sets_and_scorers():
         assert world.score_answer(item["spec"], item["answer"]) and "<image>" in item["prompt"]
         dets = pictures.detect(item["image"])
         assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets])
+    # eval.py's per-kind row covers every question kind, yes/no split by what it asks about
+    from toy.eval import question_kind
+    assert {question_kind(it["spec"]) for it in world.understanding_set(200, seed=0)} == {
+        "colour", "shape", "count", "describe", "scene", "scene yes/no", "position yes/no"}
     # the unseen-phrasing prompts: every one in a held-out template, none in a training one, the same categories
     unseen, templates = world.geneval_prompts(4, seed=0, phrasing="unseen"), _heldout_template_patterns()
     assert Counter(p["category"] for p in unseen) == {c: 4 for c in pictures.CATEGORIES}

@@ -8,6 +8,9 @@ The paper's ablations, re-run in the toy world. One command each; each writes a 
   python -m toy.ablations single-stage  # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
                                         #   three stages, same total steps -> single_stage.md (understanding kept)
   python -m toy.ablations all --steps 600
+  python -m toy.ablations upper-bound --run runs/toy   # Tables 4-5 at full scale: one stage, everything
+                                        #   trainable, on a `python -m toy` run's base and data for as many examples
+                                        #   as its stages 1-3 together, beside its WoHG model -> figures/upper_bound.md
   python -m toy.ablations scaling --run runs/toy/stage2   # GenEval-style in both phrasings against stage-2
                                         #   compute, from the run's snapshots -> figures/scaling.png + .md
 
@@ -222,21 +225,94 @@ def scaling(run_dir, n, seeds, out_dir):
     print(text)
 
 
+def upper_bound(pipe_dir, n, seeds, out_dir):
+    """What ARMOR's freezing costs and buys (the paper's Tables 4-5 trade-off) at full scale: one stage from a
+    pipeline run's base with every weight trainable and alpha = beta = 1 on all four conversation types, on the same
+    data and for as many examples as that run's stages 1-3 saw together, at its stage 2's batch and learning rate;
+    scored beside the run's WoHG model (its stage 3) by eval.py's measures, averaged over seeds."""
+    import torch
+    from . import eval as ev
+    from . import world
+    import armor
+    import sample
+    ck = {s: torch.load(os.path.join(pipe_dir, f"stage{s}", "ckpt.pt"), map_location="cpu", weights_only=False)
+          for s in (1, 2, 3)}
+    examples = sum(ck[s]["args"]["steps"] * ck[s]["global_batch"] for s in ck)
+    a2, a3 = ck[2]["args"], ck[3]["args"]
+    steps = examples // ck[2]["global_batch"]
+    out = os.path.join(OUT, f"upper_bound_{os.path.basename(os.path.abspath(pipe_dir))}_{steps}")
+    if not os.path.exists(os.path.join(out, "model.safetensors")):
+        cmd = pipeline.train_cmd(3, out, steps, a2["batch_size"], a2["lr"], a2["warmup"], a3["data"], save_every=250)
+        cmd += ["--codes", a3["codes"], "--base", os.path.join(pipe_dir, "base"), "--train", "all"]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    vq_dir = os.path.join(pipe_dir, "vqgan")
+    base = armor.from_internvl(os.path.join(pipe_dir, "base"), armor=False, verbose=False).eval()
+    arms = {"WoHG: stages 1-3, the base frozen": os.path.join(pipe_dir, "stage3"),
+            "one stage, everything trainable, alpha = beta = 1": out}
+    keys = ["overall", "unseen", "color_attr", "position", "counting", "held-out", "scenes", "ti2t", "kept",
+            "modality"]
+    score = {label: dict.fromkeys(keys, 0.0) for label in arms}
+    u0 = 0.0
+    for seed in seeds:
+        items = world.understanding_set(5 * n, seed)
+        tok = sample.load(os.path.join(pipe_dir, "stage3"), vqgan=vq_dir)[1]
+        b = ev.eval_understanding(base, tok, items, is_base=True)
+        u0 += b / len(seeds)
+        for label, d in arms.items():
+            model, tok, vq = sample.load(d, vqgan=vq_dir)
+            gen = ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, seed)
+            u = ev.eval_understanding(model, tok, items)
+            got = {"overall": gen["overall"], "color_attr": gen["color_attr"], "position": gen["position"],
+                   "counting": gen["counting"],
+                   "unseen": ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, seed, phrasing="unseen")[
+                       "overall"],
+                   "held-out": ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, seed, heldout=True)["overall"],
+                   "scenes": ev.eval_scenes(model, tok, vq, n, sample.DEFAULT_CFG, seed),
+                   "ti2t": u, "kept": u / b if b else 0.0,
+                   "modality": ev.eval_modality(model, tok, max(1, n // 2) * 2, seed)["overall"]}
+            print(f"seed {seed} | {label} | " + " | ".join(f"{k} {v:.3f}" for k, v in got.items()), flush=True)
+            for k in keys:
+                score[label][k] += got[k] / len(seeds)
+    rows = [f"Mean of seeds {', '.join(map(str, seeds))}, {n} prompts per GenEval category, {5 * n} ti2t questions "
+            f"per seed. Both start from {os.path.relpath(pipe_dir, ROOT)}/base and train on the same data for "
+            f"{examples:,} examples (`python -m toy.ablations upper-bound --run {os.path.relpath(pipe_dir, ROOT)}`). "
+            f"The base answers {u0:.3f} of the ti2t questions.", "",
+            "| training | GenEval-style overall | unseen phrasings | colour attribution | position | counting | "
+            "held-out compositions | scenes | ti2t accuracy | Und. (kept of the base) | response modality |",
+            "|---|" + "---|" * len(keys)]
+    rows += [f"| {label} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for label, v in score.items()]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "upper_bound.md"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m toy.ablations", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all", "scaling"])
-    ap.add_argument("--run", default=os.path.join(ROOT, "runs", "toy", "stage2"),
-                    help="scaling: the stage-2 run whose snapshots are scored")
-    ap.add_argument("--seeds", default="1234,7,99", help="scaling: evaluation seeds")
-    ap.add_argument("--figures", default=os.path.join(ROOT, "figures"), help="scaling: where the figure goes")
+    ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all", "scaling", "upper-bound"])
+    ap.add_argument("--run", help="scaling: the stage-2 run whose snapshots are scored (runs/toy/stage2); "
+                                  "upper-bound: the pipeline run to compare with (runs/toy)")
+    ap.add_argument("--seeds", default="1234,7,99", help="scaling, upper-bound: evaluation seeds")
+    ap.add_argument("--figures", default=os.path.join(ROOT, "figures"),
+                    help="scaling, upper-bound: where the figure / table goes")
     ap.add_argument("--steps", type=int, default=1000, help="stage-2 steps per arm (single-stage: total steps)")
     ap.add_argument("--n", type=int, default=10, help="prompts per GenEval category / 5x ti2t questions")
     args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.which == "scaling":
-        if not os.path.exists(os.path.join(args.run, "ckpt.pt")):
-            sys.exit(f"error: {args.run} holds no train.py run (no ckpt.pt)")
-        return scaling(args.run, args.n, [int(s) for s in args.seeds.split(",")], args.figures)
+        run_dir = args.run or os.path.join(ROOT, "runs", "toy", "stage2")
+        if not os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            sys.exit(f"error: {run_dir} holds no train.py run (no ckpt.pt)")
+        return scaling(run_dir, args.n, seeds, args.figures)
+    if args.which == "upper-bound":
+        pipe_dir = args.run or os.path.join(ROOT, "runs", "toy")
+        missing = [d for d in ("base", "vqgan", "stage1/ckpt.pt", "stage2/ckpt.pt", "stage3/model.safetensors")
+                   if not os.path.exists(os.path.join(pipe_dir, d))]
+        if missing:
+            sys.exit(f"error: {pipe_dir} is not a finished `python -m toy` run (missing {', '.join(missing)})")
+        return upper_bound(pipe_dir, args.n, seeds, args.figures)
     if not os.path.exists(os.path.join(pipeline.SHIP, "armor", "config.json")):
         sys.exit(f"error: the shipped toy world is missing from {pipeline.SHIP}; run `python -m toy` first")
     os.makedirs(OUT, exist_ok=True)

@@ -189,13 +189,27 @@ def base_answers(model, tok, prompts, images, max_new_tokens=40, batch=64):
     return out
 
 
-def eval_understanding(model, tok, items, is_base=False):
+def question_kind(spec):
+    """The ti2t question's kind for the per-kind row: yes/no questions split into scene and position ones."""
+    if spec["kind"] == "yesno":
+        return "scene yes/no" if "scene" in spec else "position yes/no"
+    return spec["kind"]
+
+
+def eval_understanding(model, tok, items, is_base=False, by_kind=False):
+    """ti2t accuracy; by_kind: (accuracy, {question kind: accuracy})."""
     prompts, images = [it["prompt"] for it in items], [[it["image"]] for it in items]
     if is_base:
         texts = base_answers(model, tok, prompts, images)
     else:
         texts = [a.text for a in answer_all(model, tok, prompts, images, max_new_tokens=40)]
-    return sum(world.score_answer(it["spec"], t) for it, t in zip(items, texts)) / len(items)
+    ok = [world.score_answer(it["spec"], t) for it, t in zip(items, texts)]
+    if not by_kind:
+        return sum(ok) / len(ok)
+    kinds = {}
+    for it, o in zip(items, ok):
+        kinds.setdefault(question_kind(it["spec"]), []).append(o)
+    return sum(ok) / len(ok), {k: sum(v) / len(v) for k, v in sorted(kinds.items())}
 
 
 def eval_modality(model, tok, n, seed):
@@ -335,7 +349,8 @@ def main(argv=None):
     base_dir = os.path.join(args.model, json.load(open(os.path.join(args.model, "config.json")))["base"]) \
         if args.base is None else args.base
     base = armor.from_internvl(base_dir, armor=False, device=args.device, verbose=False).eval()
-    und = {"base": eval_understanding(base, tok, items, is_base=True)}
+    und, kinds = {}, {}
+    und["base"], kinds["base"] = eval_understanding(base, tok, items, is_base=True, by_kind=True)
     del base
     stages = args.stages
     if stages is None and os.path.samefile(args.model, DEFAULT_MODEL):  # the shipped model: the pipeline's stages
@@ -345,7 +360,7 @@ def main(argv=None):
         m, stok, _ = load(s, device=args.device)
         und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, stok, items)
         del m
-    und["final"] = eval_understanding(model, tok, items)
+    und["final"], kinds["final"] = eval_understanding(model, tok, items, by_kind=True)
     mod = eval_modality(model, tok, max(1, n // 2) * 2, args.seed)
     ti = eval_ti2ti(model, tok, vq, 2 * n, cfg, args.seed)
 
@@ -357,6 +372,8 @@ def main(argv=None):
     for k, v in und.items():
         lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")
+    lines.append("| understanding by question kind, base / final | " + ", ".join(
+        f"{k} {fmt(v)} / {fmt(kinds['final'][k])}" for k, v in kinds["base"].items()) + " |")
     if und["base"]:
         lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
     else:
