@@ -608,17 +608,22 @@ def _ready(model, device):
 
 
 def check_images(paths):
-    """Every --image: a file (else a usage error) that decodes whole (else a data error: not an image, truncated)."""
+    """Every --image: a file (else a usage error) that decodes whole (else a data error: not an image, truncated).
+    -> the decoded pictures, held in memory: the answer may be written where an input was (samples/answer_image0.png
+    read back into the next question), and the run removes its earlier PNGs before it reads the prompt's images."""
     from PIL import Image
 
+    out = []
     for p in paths:
         if not os.path.isfile(p):
             raise UsageError(f"--image {p}: no such file")
         try:
             with Image.open(p) as im:
                 im.load()  # decodes every pixel: a truncated file fails here, not in the middle of an answer
+                out.append(im.copy())
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib errors ... by format
             raise DataError(f"--image {p}: not a readable image ({type(e).__name__}: {_one_line(e)})") from None
+    return out
 
 
 def check_prompt(tok, ck: Checkpoint, conversation, images, max_new_tokens):
@@ -774,7 +779,7 @@ def _main(argv):
             raise UsageError(f"{flag} {v}: must be at least 1")
 
     # Every input is checked before the model loads (seconds on the toy, minutes on a big one).
-    check_images(args.image)
+    images = check_images(args.image)
     path = args.model
     if path is None:
         if not DEFAULT_TOY.is_dir():
@@ -785,7 +790,7 @@ def _main(argv):
     tok = load_tokenizer(ck)
     check_can_draw(ck, args.max_new_tokens)
     if not args.chat:
-        check_prompt(tok, ck, [{"role": "user", "content": args.prompt}], args.image, args.max_new_tokens)
+        check_prompt(tok, ck, [{"role": "user", "content": args.prompt}], images, args.max_new_tokens)
     vq = load_vqgan_for(ck, args.device)
 
     torch.manual_seed(args.seed)
@@ -796,13 +801,13 @@ def _main(argv):
               cfg=args.cfg, seed=args.seed)
 
     if args.chat:
-        chat(model, tok, Writer(args.out, vq, ["chat"], visible(tok)), args.image, kw, ck)
+        chat(model, tok, Writer(args.out, vq, ["chat"], visible(tok)), images, kw, ck)
         return
     stems = ["answer"] if args.n == 1 else [f"answer{j}" for j in range(args.n)]
     w = Writer(args.out, vq, stems, visible(tok))
     stream = (lambda r, s: print(w.clean(s), end="", flush=True)) if args.n == 1 else None
     stats = {}
-    answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [args.image], n=args.n,
+    answers = generate(model, tok, [[{"role": "user", "content": args.prompt}]], [images], n=args.n,
                        on_text=stream, on_image=w.image, stats=stats, **kw)
     print()
     for j, a in enumerate(answers):

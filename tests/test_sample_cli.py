@@ -289,6 +289,22 @@ def test_outputs_whole_and_no_stale_images(toy, capsys, monkeypatch):
     assert [b.name for a, b in writes[1:]] == ["answer_image0.png", "answer.html"]
 
 
+def test_an_answer_image_read_back_into_the_next_question(toy, toy_model, capsys):
+    """The README's second command reads the first one's picture from samples/: the run's clean-up of its own earlier
+    PNGs must not take the input image away before it is read."""
+    out = toy / "out"
+    sample.main(["--model", str(toy / "armor"), "--out", str(out), "--greedy", "--max-new-tokens", "80",
+                 "draw an aurora"])
+    drawn = Image.open(out / "answer_image0.png").copy()
+    capsys.readouterr()
+    sample.main(["--model", str(toy / "armor"), "--out", str(out), "--greedy", "--max-new-tokens", "40",
+                 "--image", str(out / "answer_image0.png"), "what is in this picture?"])
+    model, tok, _ = toy_model
+    (a,) = sample.generate(model, tok, [[{"role": "user", "content": "what is in this picture?"}]], [[drawn]],
+                           **{**GREEDY, "max_new_tokens": 40})
+    assert a.text and a.text in capsys.readouterr().out  # the answer about the drawn picture, not an error
+
+
 def test_n_answers_print_no_placeholder_token(toy, capsys):
     sample.main(["--model", str(toy / "armor"), "--out", str(toy / "out"), "--n", "2", "--greedy",
                  "--max-new-tokens", "80", "draw an aurora"])
