@@ -287,7 +287,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=20, help="prompts per GenEval category")
     ap.add_argument("--seed", type=int, default=1234, help="evaluation seed (prompts and sampling)")
     ap.add_argument("--quick", action="store_true", help="a few prompts per section")
-    ap.add_argument("--out", default=os.path.join(ROOT, "eval.md"), help="where the Markdown table goes")
+    ap.add_argument("--out", help="where the Markdown table goes (eval.md; figures/cfg_sweep.md for --cfg-sweep)")
     ap.add_argument("--gallery", help="only write a captioned sheet of the model's drawings to this PNG")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
@@ -317,7 +317,7 @@ def main(argv=None):
             print(rows[-1], flush=True)
         text = "\n".join(rows)
         print(text)
-        with open(os.path.splitext(args.out)[0] + "_cfg_sweep.md", "w") as f:
+        with open(args.out or os.path.join(ROOT, "figures", "cfg_sweep.md"), "w") as f:
             f.write(text + "\n")
         return
 
@@ -386,7 +386,7 @@ def main(argv=None):
     lines += ["", f"({time.time() - t0:.0f} s on {torch.get_num_threads()} threads)"]
     text = "\n".join(lines)
     print(text)
-    with open(args.out, "w") as f:
+    with open(args.out or os.path.join(ROOT, "eval.md"), "w") as f:
         f.write(text + "\n")
 
 
