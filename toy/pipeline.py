@@ -63,7 +63,7 @@ NAME_COLOURS = 0.5
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
 # which a mean over the picture gives, were learnt), and at 3e-4 it reads them within 300 steps
 # (tests/test_toy.py::test_base_learns_to_read_shapes)
-TRAIN = {0: (4000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (6000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+TRAIN = {0: (4000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (12000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 # train.py --mix per stage where it is not the stage's own (data.STAGE_MIX): the base reads three pictures for every
 # text record, since what it must learn about pictures (binding colours, counts and places to objects) is the slow part
 MIX = {0: "t2t=1,ti2t=3"}
