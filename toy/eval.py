@@ -193,7 +193,7 @@ def question_kind(spec):
     """The ti2t question's kind for the per-kind row: yes/no questions split into scene and position ones."""
     if spec["kind"] == "yesno":
         return "scene yes/no" if "scene" in spec else "position yes/no"
-    return "position" if spec["kind"] == "relation" else spec["kind"]
+    return spec["kind"]
 
 
 def eval_understanding(model, tok, items, is_base=False, by_kind=False):

@@ -45,7 +45,7 @@ DATA = os.path.join(ROOT, "toy_data")  # generated, git-ignored
 RUNS = os.path.join(ROOT, "runs", "toy")  # training outputs, git-ignored
 
 # Records per type for the training sets (stage mixtures draw from these; t2i/t2ti are the generation data).
-N_RECORDS = {"t2t": 3000, "ti2t": 40000, "t2i": 24000, "t2ti": 6000}
+N_RECORDS = {"t2t": 3000, "ti2t": 40000, "t2i": 16000, "t2ti": 6000}
 VOCAB = 1024  # BPE vocabulary incl. the 12 special tokens
 VQ_STEPS, VQ_BATCH = 2000, 8
 # vqgan.train_vqgan's locality term (equal cells, equal codes), a soft version of cell_local: off by default;
@@ -144,16 +144,13 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
-    recipe = {"name_colours": name_colours, "t2i_weights": world.T2I_WEIGHTS}
-    path = os.path.join(p["data"], "recipe.json")
+    recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
     else:  # data made before recipes were recorded named no colours
         before = {"name_colours": 0.0} if made else recipe
-    if made:  # data made before the categories were weighted drew them uniformly
-        before.setdefault("t2i_weights", {c: 1 for c in world.CATEGORIES})
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")

@@ -70,18 +70,12 @@ TEMPLATES = {
                 ["Count all the shapes you see."]),
     "q_which": (["Which shape is {}?", "What shape is the {} object?"], ["Name the {} shape."]),
     "q_where": (["Is the {} {} the {}?"], ["Would you say the {} is {} the {}?"]),
-    "q_relation": (["Where is the {} compared to the {}?", "Where is the {} relative to the {}?"],
-                   ["How is the {} placed next to the {}?"]),
     "q_scene": (["What scene is this?", "What does this picture show?", "Where was this picture taken?"],
                 ["What am I looking at?"]),
     "q_about": (["What is this photo about?", "Describe the image.", "Describe this picture in detail."],
                 ["Can you explain this image?"]),
     "q_shows": (["Does the picture show {}?", "Is this a picture of {}?"], ["Would you say this image shows {}?"]),
 }
-# How often each GenEval category is drawn in the training t2i requests: the categories a model learns last (where two
-# objects go, which colour goes with which shape, how many) more often than those it draws right early (one object,
-# one coloured object). Uniform weights give the data of the model shipped before.
-T2I_WEIGHTS = {"single_object": 1, "two_object": 1, "counting": 2, "colors": 1, "position": 3, "color_attr": 2}
 DRAW_LIKE = ("Can you help me draw one similar to this picture?", "Draw one like it.",
              "Please draw another picture like this one.")
 SHAPE_FACTS = {  # shape -> {question kind: answer}
@@ -177,7 +171,7 @@ def _objects_ti2t(rng, comp, tpl):
     """A question about an objects picture; with comp="heldout" the picture holds a held-out composition and the
     question asks about exactly that."""
     kind = rng.choice(["colour", "which", "count"] if comp == "heldout" else
-                      ["colour", "which", "count", "total", "where", "relation", "describe"])
+                      ["colour", "which", "count", "total", "where", "describe"])
     if kind in ("colour", "which"):
         c, s = rng.choice(HELDOUT_COLOUR_SHAPE if comp == "heldout" else TRAIN_PAIRS)
         pic = _target_picture(rng, (c, s))
@@ -196,15 +190,12 @@ def _objects_ti2t(rng, comp, tpl):
                 pic = Picture("objects", objs, random_background(rng))
                 return (pic, _pick(rng, "q_count", tpl).format(s), _is(n, s),
                         {"kind": "count", "answer": n})
-    if kind in ("where", "relation"):  # an open question too: a yes/no one alone can be answered by restating it
+    if kind == "where":
         a, b = rng.sample(SHAPES, 2)
         third = [t for t in SHAPES if t not in (a, b)] * (rng.random() < 0.5)  # sometimes, the third shape too
         items = [(t, colour_for(rng, t)) for t in [a, b] + third]
         rel = rng.choice(list(RELATIONS))
         pic = Picture("objects", place(items, rng, rel), random_background(rng))
-        if kind == "relation":
-            ans = f"The {a} is {RELATIONS[rel]} the {b}."
-            return pic, _pick(rng, "q_relation", tpl).format(a, b), ans, {"kind": "relation", "answer": ans[4:-1]}
         yes = rng.random() < 0.5
         q = _pick(rng, "q_where", tpl).format(a, RELATIONS[rel if yes else OPPOSITE[rel]], b)
         ans = f"The {a} is {RELATIONS[rel]} the {b}, so {'yes' if yes else 'no'}."  # seen first, then judged
@@ -244,9 +235,8 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
         images, human = [pic], f"<image>\n{q}"
     elif kind == "t2i":
         if rng.random() < 0.5:
-            cat = (rng.choice(HELDOUT_CATEGORIES) if comp == "heldout" else
-                   rng.choices(CATEGORIES, [T2I_WEIGHTS[c] for c in CATEGORIES])[0])
-            image_spec = sample_spec(cat, rng, heldout=comp == "heldout")
+            image_spec = sample_spec(rng.choice(HELDOUT_CATEGORIES if comp == "heldout" else CATEGORIES), rng,
+                                     heldout=comp == "heldout")
             human, pic = _request(rng, "draw", tpl).format(describe(image_spec)), spec_picture(image_spec, rng)
         else:
             name = rng.choice(list(SCENES))
@@ -438,10 +428,6 @@ def score_answer(spec, text) -> bool:
         return _has_scene(t, ans) and not any(_has_scene(t, n) for n in SCENES if n != ans)
     if kind == "describe":
         return all(p in t for p in ans)
-    if kind == "relation":  # "circle is above the square", or the same said from the other object
-        a, rel, b = re.fullmatch(r"(\w+) is (.+) the (\w+)", ans).groups()
-        back = {v: RELATIONS[OPPOSITE[k]] for k, v in RELATIONS.items()}[rel]
-        return ans in t or f"{b} is {back} the {a}" in t
     raise ValueError(f"unknown answer spec kind {kind!r}")
 
 
