@@ -40,8 +40,8 @@ def linear_probe(x, y, n_train, classes, steps=500):
     """Multinomial logistic regression on standardised features; accuracy on the rows past n_train."""
     mu, sd = x[:n_train].mean(0), x[:n_train].std(0).clamp(min=1e-6)
     x = ((x - mu) / sd).detach()
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
+    w = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    b = torch.zeros(classes, device=x.device, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=1e-2)
     for _ in range(steps):
         loss = F.cross_entropy(x[:n_train] @ w + b, y[:n_train]) + 1e-4 * w.pow(2).sum()
