@@ -243,18 +243,39 @@ def test_pipeline_quick_end_to_end(tmp_path):
 # --- toy/probe.py ----------------------------------------------------------------------------------------------------
 
 
-def test_relation_questions_answer_what_the_picture_shows():
+@pytest.mark.parametrize("by", ["shape", "colour"])
+def test_relation_questions_answer_what_the_picture_shows(by):
     """The relation probe's answers are right about its own pictures: the detector finds both objects, and the
     first named is where the answer says (a wrong answer key would make the probe measure nothing)."""
     from toy import probe
     keys = {v: k for k, v in pictures.RELATIONS.items()}
-    for q in probe.relation_questions(40, seed=5):
+    for q in probe.relation_questions(40, seed=5, by=by):
         s1, rest = q["answer"].split(" is ", 1)
         rel, s2 = next((keys[v], rest[len(v) + 5:]) for v in keys if rest.startswith(v + " the "))
-        dets = {d.shape: d for d in pictures.detect(q["image"][0])}
+        assert rel == q["relation"]
+        name = (lambda d: d.shape) if by == "shape" else (lambda d: f"{d.colour} object")
+        dets = {name(d): d for d in pictures.detect(q["image"][0])}
         assert set(dets) == {s1, s2}, (q["answer"], dets)
         assert pictures.relation_holds(dets[s1], dets[s2], rel), q["answer"]
         assert not pictures.relation_holds(dets[s2], dets[s1], rel), q["answer"]
+
+
+def test_drawing_probe_data_asks_for_the_positions_its_pictures_show():
+    """toy.probe draw's data: at share 1 every t2i record asks for two objects in a relation that its picture
+    holds and no t2ti comes with them; at share 0.5 half of them do, the recipe's own records fill the rest, and
+    t2ti records keep every kind of drawing in the mix."""
+    from toy import probe
+    only = probe.drawing_data(12, 1.0)
+    assert len(only["t2i"]) == 12 and only["t2ti"] == []
+    for rec in only["t2i"]:
+        spec = rec["meta"]["image_spec"]
+        assert spec["category"] == "position" and pictures.describe(spec) in rec["conversations"][0]["value"]
+        (a, b), rel = spec["include"], spec["include"][0]["position"][0]
+        dets = {d.shape: d for d in pictures.detect(rec["out_images"][0])}
+        assert pictures.relation_holds(dets[a["shape"]], dets[b["shape"]], rel), rec["conversations"][0]["value"]
+    half = probe.drawing_data(12, 0.5)
+    cats = [(r["meta"]["image_spec"] or {}).get("category") for r in half["t2i"]]
+    assert 6 <= cats.count("position") < 12 and len(half["t2i"]) == 12 and len(half["t2ti"]) == 4
 
 
 def test_linear_probe_reads_a_planted_position_and_not_noise():
@@ -267,3 +288,16 @@ def test_linear_probe_reads_a_planted_position_and_not_noise():
     planted = noise + 8 * torch.nn.functional.one_hot(y, 32).float()
     assert probe.linear_probe(planted, y, 16 * 150, 16) == 1.0
     assert probe.linear_probe(noise, y, 16 * 150, 16) < 0.2
+
+
+def test_relation_scores_split_the_axis_from_the_direction():
+    """toy.probe relation's figures: answers that name the opposite relation are on the right axis every time and
+    right never; a perfect answer sheet scores 1 everywhere."""
+    from toy import probe
+    held = probe.relation_questions(100, seed=3)
+    first, second = (lambda q: q["answer"].split(" is ")[0]), (lambda q: q["answer"].rsplit(" the ", 1)[1])
+    opposite = [f"The {first(q)} is {pictures.RELATIONS[pictures.OPPOSITE[q['relation']]]} the {second(q)}."
+                for q in held]
+    assert probe.relation_scores(held, opposite) == {"all": 0.0, "axis": 1.0, "left/right": 0.0, "above/below": 0.0}
+    perfect = probe.relation_scores(held, ["The " + q["answer"] + "." for q in held])
+    assert perfect == {"all": 1.0, "axis": 1.0, "left/right": 1.0, "above/below": 1.0}

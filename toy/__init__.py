@@ -9,6 +9,8 @@ core (armor, vqgan, data, tokenizer; train.py in a subprocess); nothing in the c
   pipeline.py     data -> BPE -> VQGAN -> code cache -> base -> WoHG stages 1-3 -> the shipped checkpoints below
   eval.py         the evaluation table (GenEval-style, scenes, understanding retention, modality, ti2ti)
   ablations.py    the paper's ablations in the toy world
+  probe.py        where positions get lost: what the toy models' tokens carry, and what a base or stage 2 learns
+                  from relation data alone, in minutes
   armor/ base/ vqgan/        the shipped checkpoints (what sample.py and eval.py load by default)
   stage0.args ... stage3.args  train.py's defaults when it gets no data or model arguments
 
@@ -16,6 +18,7 @@ core (armor, vqgan, data, tokenizer; train.py in a subprocess); nothing in the c
   python -m toy prepare --stage 2        # the data of a bare `python train.py --stage 2` (train.py runs it itself)
   python -m toy.eval                     # the measured table, eval.md
   python -m toy.ablations all            # switching, embeddings, single-stage
+  python -m toy.probe relation           # a base on relation questions alone (also: tokens, draw)
   python -m toy.world sample --out DIR   # a contact sheet of the world
   python -m toy.vqgan_train --images DIR --out DIR   # the toy VQGAN on a folder of images
 """

@@ -1,17 +1,25 @@
 """
-What a toy base carries and what it can learn, measured directly rather than through the whole pipeline.
+What the toy models carry and what they can learn, measured directly rather than through the whole pipeline.
 
   python -m toy.probe tokens [--model toy/base]    # a linear probe: does each visual token say where in the picture
                                                    #   it is (its 4x4 grid cell)? held-out accuracy; chance 1/16
-  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4]
+  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--pos-std 0.02]
                                                    # a base trained from scratch (stage 0) on one task only: "Where
                                                    #   is the circle compared to the square?"; held-out accuracy of
-                                                   #   the relation it names (four relations: chance 0.25)
+                                                   #   the relation it names (four relations: chance 0.25), and of
+                                                   #   its axis alone (left/right or above/below: chance 0.5)
+  python -m toy.probe draw [--steps 1500] [--share 1]
+                                                   # the shipped ARMOR trained further (stage 2) on drawing data of
+                                                   #   which --share are position requests ("a circle above a
+                                                   #   square"); GenEval-style overall, scenes, and how often each
+                                                   #   relation and its opposite are drawn, before and after
 
 Placing objects relative to each other is the hardest thing the toy world asks, in reading and in drawing (the
 README's position row). `tokens` asks whether the picture's side carries positions; `relation` asks whether an LLM of
 a given depth and width learns to compare two of them within minutes, before a full `python -m toy` run is spent on
-it. Both print one line of figures; `relation` keeps its run in runs/probe/ (train.py --resume).
+it. `draw` asks the same of drawing: whether stage 2's trainable parts (new rows, adapter, visual head, over the
+frozen LLM) can learn to place two objects at all when given nothing else to learn. Each prints its figures;
+`relation` and `draw` keep their runs in runs/probe/ (train.py --resume).
 """
 
 import argparse
@@ -67,72 +75,191 @@ def token_positions(model_dir, n_train=300, n_test=100, seed=0):
     return linear_probe(x, y, n_train * k, k)
 
 
-def relation_questions(n, seed):
-    """Two objects of different shapes and colours, one clearly <relation> the other; asked where the first is."""
+def relation_questions(n, seed, by="shape"):
+    """Two objects of different shapes and colours, one clearly <relation> the other; asked where the first is,
+    naming the objects by shape ("the circle") or by colour ("the red object")."""
     rng, out = random.Random(seed), []
     for i in range(n):
         (s1, s2), (c1, c2) = rng.sample(pictures.SHAPES, 2), rng.sample(list(pictures.COLOURS), 2)
+        n1, n2 = (s1, s2) if by == "shape" else (f"{c1} object", f"{c2} object")
         key = rng.choice(list(pictures.RELATIONS))
         rel = pictures.RELATIONS[key]  # "left of" -> "to the left of"
         pic = pictures.Picture("objects", pictures.place([(s1, c1), (s2, c2)], rng, key),
                                pictures.random_background(rng))
         out.append({"id": f"rel-{seed}-{i}", "type": "ti2t", "image": [pictures.render(pic)], "out_images": [],
-                    "conversations": [{"from": "human", "value": f"<image>\nWhere is the {s1} compared to the {s2}?"},
-                                      {"from": "gpt", "value": f"The {s1} is {rel} the {s2}."}],
-                    "answer": f"{s1} is {rel} the {s2}"})
+                    "conversations": [{"from": "human", "value": f"<image>\nWhere is the {n1} compared to the {n2}?"},
+                                      {"from": "gpt", "value": f"The {n1} is {rel} the {n2}."}],
+                    "answer": f"{n1} is {rel} the {n2}", "relation": key})
     return out
 
 
-def relation(steps, layers, heads, kv_heads, n_train=4000, n_test=200):
+def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", n_train=4000, n_test=200):
     """Stage 0 from scratch on relation questions only, at the base recipe's batch and learning rate, with the toy
-    LLM's depth and heads overridden; returns held-out accuracy."""
+    LLM's depth and heads overridden, and the ViT's class and position embeddings drawn at pos_std (default
+    armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); returns held-out accuracy."""
     import armor
     import train
     from tokenizer import Tokenizer
     from . import eval as ev
-    name = f"relation_l{layers}_h{heads}_kv{kv_heads}"
+    name = (f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + (f"_pos{pos_std:g}" if pos_std else "")
+            + ("" if by == "shape" else f"_{by}"))
     out = os.path.join(OUT, name)
-    data = os.path.join(OUT, "relation_data")
+    data = os.path.join(OUT, "relation_data" + ("" if by == "shape" else f"_{by}"))
     if not os.path.exists(os.path.join(data, "ti2t.jsonl")):
-        world.write_dataset(relation_questions(n_train, seed=1), data, "ti2t")
+        world.write_dataset(relation_questions(n_train, seed=1, by=by), data, "ti2t")
     cfg = armor.PRESETS["toy"]().to_dict()
     cfg["llm"].update(num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, name + ".json"), "w") as f:
         json.dump(cfg, f)
     _, batch, lr, _ = pipeline.TRAIN[0]
-    model = train.main(["--stage", "0", "--preset", os.path.join(OUT, name + ".json"), "--tokenizer", BASE,
-                        "--data", f"ti2t={os.path.join(data, 'ti2t.jsonl')}", "--steps", str(steps),
-                        "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(max(1, steps // 16)),
-                        "--dtype", pipeline._amp(), "--out", out, "--save-every", "200", "--resume"]).eval()
-    held = relation_questions(n_test, seed=2)
+    init_weights = armor.init_weights
+
+    @torch.no_grad()
+    def init_at_pos_std(module, std=0.02):  # train.py's stage-0 init, then the ViT's position scale redrawn
+        init_weights(module, std)
+        for m in module.modules():
+            if pos_std and isinstance(m, armor.VisionEmbeddings):
+                torch.nn.init.normal_(m.class_embedding, std=pos_std)
+                torch.nn.init.normal_(m.position_embedding, std=pos_std)
+    armor.init_weights = init_at_pos_std
+    try:
+        model = train.main(["--stage", "0", "--preset", os.path.join(OUT, name + ".json"), "--tokenizer", BASE,
+                            "--data", f"ti2t={os.path.join(data, 'ti2t.jsonl')}", "--steps", str(steps),
+                            "--batch-size", str(batch), "--lr", str(lr), "--warmup", str(max(1, steps // 16)),
+                            "--dtype", pipeline._amp(), "--out", out, "--save-every", "200", "--resume"]).eval()
+    finally:
+        armor.init_weights = init_weights
+    held = relation_questions(n_test, seed=2, by=by)
     answers = ev.base_answers(model, Tokenizer.from_dir(BASE), [q["conversations"][0]["value"] for q in held],
                               [q["image"] for q in held])
-    return sum(q["answer"] in a for q, a in zip(held, answers)) / len(held), answers[:3]
+    return relation_scores(held, answers), answers[:3]
+
+
+AXIS = {"left of": "left/right", "right of": "left/right", "above": "above/below", "below": "above/below"}
+
+
+def relation_scores(held, answers):
+    """{"all": accuracy, "axis": the named relation on the right axis, "left/right": accuracy on questions whose
+    answer is left or right of, "above/below": the same for above or below}. A model that sees two objects side
+    by side (or stacked) but not which is which gets the axis right and the direction at chance."""
+    said = [next((k for k, v in pictures.RELATIONS.items() if f" is {v} the " in a), None) for a in answers]
+    right = [q["answer"] in a for q, a in zip(held, answers)]
+    out = {"all": sum(right) / len(held),
+           "axis": sum(s is not None and AXIS[s] == AXIS[q["relation"]] for q, s in zip(held, said)) / len(held)}
+    for ax in ("left/right", "above/below"):
+        on = [r for q, r in zip(held, right) if AXIS[q["relation"]] == ax]
+        out[ax] = sum(on) / max(1, len(on))
+    return out
+
+
+def drawing_data(n, share, seed=1):
+    """n stage-2 t2i records, a share of them position requests ("draw a circle above a square") and the rest the
+    recipe's own t2i mixture (which asks for positions in one request of twelve); below share 1, the recipe's t2ti
+    records too (n / 3), so every kind of drawing stays in the mix. Colours are named as in the recipe."""
+    rng, k = random.Random(f"probe-draw/{seed}"), round(n * share)
+    pos = [world.make_record("t2i", rng, rid=f"pos-{seed}-{i}", category="position") for i in range(k)]
+    named = random.Random(f"probe-draw-named/{seed}")
+    pos = [world.with_colours(r) if named.random() < pipeline.NAME_COLOURS else r for r in pos]
+    t2i = pos + world.make_mixture("t2i", n - k, seed, name_colours=pipeline.NAME_COLOURS)
+    random.Random(seed).shuffle(t2i)
+    return {"t2i": t2i, "t2ti": world.make_mixture("t2ti", n // 3, seed) if share < 1 else []}
+
+
+@torch.no_grad()
+def drawing_scores(model_dir, seed, n=20):
+    """GenEval-style overall and scenes (toy.eval's), and {relation: [prompts, both objects drawn, relation holds,
+    its opposite holds]} over the evaluation's position prompts: a model blind to the relation draws it and its
+    opposite about equally often."""
+    import sample
+    from . import eval as ev
+    model, tok, vq = sample.load(model_dir, vqgan=os.path.join(ROOT, "toy", "vqgan"))
+    gen = ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, seed)
+    scenes = ev.eval_scenes(model, tok, vq, max(1, n // 4), sample.DEFAULT_CFG, seed)
+    items = [it for it in world.geneval_prompts(n * 4, seed) if it["category"] == "position"]
+    answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
+    rel = {r: [0, 0, 0, 0] for r in pictures.RELATIONS}
+    for it, ans in zip(items, answers):
+        a_spec, b_spec = it["spec"]["include"]
+        row, r = rel[a_spec["position"][0]], a_spec["position"][0]
+        row[0] += 1
+        img = ev.first_image(vq, ans)
+        dets = pictures.detect(img) if img is not None else []
+        a, b = ([d for d in dets if d.shape == s["shape"] and s.get("colour") in (None, d.colour)]
+                for s in (a_spec, b_spec))
+        if a and b:
+            row[1] += 1
+            row[2] += any(pictures.relation_holds(x, y, r) for x in a for y in b)
+            row[3] += any(pictures.relation_holds(x, y, pictures.OPPOSITE[r]) for x in a for y in b)
+    return gen, scenes, rel
+
+
+def draw(steps, share, lr, seeds, n_train=6000):
+    """Stage 2 continued from the shipped ARMOR on drawing_data at the recipe's batch; -> {model: [scores per seed]}."""
+    import train
+    name = f"draw_p{share:g}_s{steps}_lr{lr:g}"
+    out, data = os.path.join(OUT, name), os.path.join(OUT, f"draw_data_p{share:g}")
+    sets = None
+    for kind in ("t2i", "t2ti"):
+        if not os.path.exists(os.path.join(data, kind + ".jsonl")):
+            sets = sets or drawing_data(n_train, share)
+            world.write_dataset(sets[kind], data, kind)
+    _, batch, _, warmup = pipeline.TRAIN[2]
+    train.main(["--stage", "2", "--init", os.path.join(ROOT, "toy", "armor"),
+                "--vqgan", os.path.join(ROOT, "toy", "vqgan")]
+               + [x for kind in ("t2i", "t2ti") if os.path.getsize(os.path.join(data, kind + ".jsonl"))
+                  for x in ("--data", f"{kind}={os.path.join(data, kind + '.jsonl')}")]
+               + ["--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
+                  "--warmup", str(min(warmup, steps // 10 + 1)), "--dtype", pipeline._amp(), "--out", out,
+                  "--save-every", "500", "--resume"])
+    return {name: [drawing_scores(path, s) for s in seeds]
+            for name, path in (("shipped", os.path.join(ROOT, "toy", "armor")), (f"+{steps} steps", out))}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["tokens", "relation"])
+    ap.add_argument("which", choices=["tokens", "relation", "draw"])
     ap.add_argument("--model", default=BASE, help="tokens: the base MLLM directory")
-    ap.add_argument("--steps", type=int, default=400, help="relation: stage-0 steps")
+    ap.add_argument("--steps", type=int, help="relation: stage-0 steps (default 400); draw: stage-2 steps (1500)")
     ap.add_argument("--layers", type=int, help="relation: LLM layers (default: the toy preset's)")
     ap.add_argument("--heads", type=int, help="relation: attention heads (default: the toy preset's)")
     ap.add_argument("--kv-heads", type=int, help="relation: key/value heads (default: the toy preset's)")
+    ap.add_argument("--by", choices=["shape", "colour"], default="shape",
+                    help="relation: name the two objects by shape (\"the circle\") or colour (\"the red object\")")
+    ap.add_argument("--pos-std", type=float, help="relation: init scale of the ViT's class and position embeddings "
+                    "(default 0.02, armor.init_weights'; InternViT's own is 1)")
+    ap.add_argument("--share", type=float, default=1.0, help="draw: share of position requests in the t2i data "
+                    "(1: nothing else; below 1, the recipe's t2i and t2ti records fill the rest)")
+    ap.add_argument("--lr", type=float, default=pipeline.TRAIN[2][2], help="draw: stage-2 learning rate")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 7], help="draw: evaluation seeds")
     args = ap.parse_args(argv)
+    if not 0 < args.share <= 1:
+        sys.exit(f"error: --share is a share in (0, 1], got {args.share}")
     if args.which == "tokens":
         print(f"{args.model}: visual token -> its grid cell, held-out accuracy {token_positions(args.model):.3f} "
               f"(chance {1 / 16:.3f})")
         return
+    if args.which == "draw":
+        for name, per_seed in draw(args.steps or 1500, args.share, args.lr, args.seeds).items():
+            for seed, (gen, scenes, rel) in zip(args.seeds, per_seed):
+                right = sum(v[2] for v in rel.values()) / max(1, sum(v[0] for v in rel.values()))
+                cells = ", ".join(f"{r} {h}/{n} (opposite {o})" for r, (n, b, h, o) in rel.items())
+                print(f"{name}, seed {seed}: GenEval-style {gen['overall']:.3f}, scenes {scenes:.3f}; relation drawn "
+                      f"right {right:.3f}: {cells}", flush=True)
+        return
+    args.steps = args.steps or 400
     import armor
     llm = armor.PRESETS["toy"]().llm
     layers, heads = args.layers or llm.num_layers, args.heads or llm.num_heads
     kv = args.kv_heads or min(llm.num_kv_heads, heads)
     if heads % kv or llm.hidden_size % heads:
         sys.exit(f"error: {heads} heads need a key/value head count dividing them and dividing {llm.hidden_size}")
-    acc, examples = relation(args.steps, layers, heads, kv)
-    print(f"relation questions, {layers} layers x {heads} heads ({kv} kv), {args.steps} steps: held-out accuracy "
-          f"{acc:.3f} (chance 0.25); e.g. {examples}")
+    acc, examples = relation(args.steps, layers, heads, kv, args.pos_std, args.by)
+    print(f"relation questions, {layers} layers x {heads} heads ({kv} kv), ViT position init std "
+          f"{args.pos_std or 0.02:g}, objects named by {args.by}, {args.steps} steps: held-out accuracy "
+          f"{acc['all']:.3f} (chance 0.25); the right axis {acc['axis']:.3f} (chance 0.5); on left/right questions "
+          f"{acc['left/right']:.3f}, on above/below ones {acc['above/below']:.3f} (chance 0.5 once the axis is "
+          f"right); e.g. {examples}")
 
 
 if __name__ == "__main__":

@@ -209,9 +209,10 @@ def _objects_ti2t(rng, comp, tpl):
     return pic, _pick(rng, "q_about", tpl), f"The image shows {phrase}.", {"kind": "describe", "answer": groups}
 
 
-def make_record(kind, rng, compositions="train", templates="train", rid="0") -> dict:
+def make_record(kind, rng, compositions="train", templates="train", rid="0", category=None) -> dict:
     """One conversation record. compositions="heldout": objects in it come from the held-out compositions (where
-    the type allows); templates="heldout": the request is phrased with held-out templates only."""
+    the type allows); templates="heldout": the request is phrased with held-out templates only. category (t2i
+    only): always an object request of that GenEval category (toy/probe.py's data), not a scene half the time."""
     comp, tpl = compositions, templates
     images, out, answer_spec, image_spec = [], [], None, None
     if kind == "t2t":
@@ -234,9 +235,9 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0") -> 
                                     else _objects_ti2t(rng, comp, tpl))
         images, human = [pic], f"<image>\n{q}"
     elif kind == "t2i":
-        if rng.random() < 0.5:
-            image_spec = sample_spec(rng.choice(HELDOUT_CATEGORIES if comp == "heldout" else CATEGORIES), rng,
-                                     heldout=comp == "heldout")
+        if category or rng.random() < 0.5:
+            image_spec = sample_spec(category or rng.choice(HELDOUT_CATEGORIES if comp == "heldout" else CATEGORIES),
+                                     rng, heldout=comp == "heldout")
             human, pic = _request(rng, "draw", tpl).format(describe(image_spec)), spec_picture(image_spec, rng)
         else:
             name = rng.choice(list(SCENES))
