@@ -243,13 +243,20 @@ def test_pipeline_quick_end_to_end(tmp_path):
 # --- toy/probe.py ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("by", ["shape", "colour"])
-def test_relation_questions_answer_what_the_picture_shows(by):
+@pytest.mark.parametrize("by,form", [("shape", "open"), ("colour", "open"), ("shape", "yesno")])
+def test_relation_questions_answer_what_the_picture_shows(by, form):
     """The relation probe's answers are right about its own pictures: the detector finds both objects, and the
-    first named is where the answer says (a wrong answer key would make the probe measure nothing)."""
+    first named is where the answer says (a wrong answer key would make the probe measure nothing); a yes/no
+    question is answered yes exactly when it asks the relation the picture holds, which it does half the time."""
     from toy import probe
     keys = {v: k for k, v in pictures.RELATIONS.items()}
-    for q in probe.relation_questions(40, seed=5, by=by):
+    qs = probe.relation_questions(40, seed=5, by=by, form=form)
+    if form == "yesno":
+        yes = [q["conversations"][1]["value"].endswith("so yes.") for q in qs]
+        assert all(y == (f" {pictures.RELATIONS[q['relation']]} the " in q["conversations"][0]["value"])
+                   for q, y in zip(qs, yes))
+        assert 10 < sum(yes) < 30
+    for q in qs:
         s1, rest = q["answer"].split(" is ", 1)
         rel, s2 = next((keys[v], rest[len(v) + 5:]) for v in keys if rest.startswith(v + " the "))
         assert rel == q["relation"]

@@ -3,7 +3,8 @@ What the toy models carry and what they can learn, measured directly rather than
 
   python -m toy.probe tokens [--model toy/base]    # a linear probe: does each visual token say where in the picture
                                                    #   it is (its 4x4 grid cell)? held-out accuracy; chance 1/16
-  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--pos-std 0.02]
+  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--form open|yesno]
+                               [--pos-std 0.02]
                                                    # a base trained from scratch (stage 0) on one task only: "Where
                                                    #   is the circle compared to the square?"; held-out accuracy of
                                                    #   the relation it names (four relations: chance 0.25), and of
@@ -75,9 +76,11 @@ def token_positions(model_dir, n_train=300, n_test=100, seed=0):
     return linear_probe(x, y, n_train * k, k)
 
 
-def relation_questions(n, seed, by="shape"):
+def relation_questions(n, seed, by="shape", form="open"):
     """Two objects of different shapes and colours, one clearly <relation> the other; asked where the first is,
-    naming the objects by shape ("the circle") or by colour ("the red object")."""
+    naming the objects by shape ("the circle") or by colour ("the red object"). form="yesno" asks as the base's
+    training set does ("Is the circle above the square?", the asked relation or its opposite, each half the time)
+    and is answered the same way ("The circle is below the square, so no."): the answer states the relation first."""
     rng, out = random.Random(seed), []
     for i in range(n):
         (s1, s2), (c1, c2) = rng.sample(pictures.SHAPES, 2), rng.sample(list(pictures.COLOURS), 2)
@@ -86,14 +89,18 @@ def relation_questions(n, seed, by="shape"):
         rel = pictures.RELATIONS[key]  # "left of" -> "to the left of"
         pic = pictures.Picture("objects", pictures.place([(s1, c1), (s2, c2)], rng, key),
                                pictures.random_background(rng))
+        q, a = f"Where is the {n1} compared to the {n2}?", f"The {n1} is {rel} the {n2}."
+        if form == "yesno":
+            yes = rng.random() < 0.5
+            asked = pictures.RELATIONS[key if yes else pictures.OPPOSITE[key]]
+            q, a = f"Is the {n1} {asked} the {n2}?", f"The {n1} is {rel} the {n2}, so {'yes' if yes else 'no'}."
         out.append({"id": f"rel-{seed}-{i}", "type": "ti2t", "image": [pictures.render(pic)], "out_images": [],
-                    "conversations": [{"from": "human", "value": f"<image>\nWhere is the {n1} compared to the {n2}?"},
-                                      {"from": "gpt", "value": f"The {n1} is {rel} the {n2}."}],
+                    "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
                     "answer": f"{n1} is {rel} the {n2}", "relation": key})
     return out
 
 
-def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", n_train=4000, n_test=200):
+def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", form="open", n_train=4000, n_test=200):
     """Stage 0 from scratch on relation questions only, at the base recipe's batch and learning rate, with the toy
     LLM's depth and heads overridden, and the ViT's class and position embeddings drawn at pos_std (default
     armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); returns held-out accuracy."""
@@ -101,12 +108,12 @@ def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", n_train=4
     import train
     from tokenizer import Tokenizer
     from . import eval as ev
-    name = (f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + (f"_pos{pos_std:g}" if pos_std else "")
-            + ("" if by == "shape" else f"_{by}"))
+    variant = ("" if by == "shape" else f"_{by}") + ("" if form == "open" else f"_{form}")
+    name = f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + (f"_pos{pos_std:g}" if pos_std else "") + variant
     out = os.path.join(OUT, name)
-    data = os.path.join(OUT, "relation_data" + ("" if by == "shape" else f"_{by}"))
+    data = os.path.join(OUT, "relation_data" + variant)
     if not os.path.exists(os.path.join(data, "ti2t.jsonl")):
-        world.write_dataset(relation_questions(n_train, seed=1, by=by), data, "ti2t")
+        world.write_dataset(relation_questions(n_train, seed=1, by=by, form=form), data, "ti2t")
     cfg = armor.PRESETS["toy"]().to_dict()
     cfg["llm"].update(num_layers=layers, num_heads=heads, num_kv_heads=kv_heads)
     os.makedirs(OUT, exist_ok=True)
@@ -130,7 +137,7 @@ def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", n_train=4
                             "--dtype", pipeline._amp(), "--out", out, "--save-every", "200", "--resume"]).eval()
     finally:
         armor.init_weights = init_weights
-    held = relation_questions(n_test, seed=2, by=by)
+    held = relation_questions(n_test, seed=2, by=by, form=form)
     answers = ev.base_answers(model, Tokenizer.from_dir(BASE), [q["conversations"][0]["value"] for q in held],
                               [q["image"] for q in held])
     return relation_scores(held, answers), answers[:3]
@@ -226,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, help="relation: key/value heads (default: the toy preset's)")
     ap.add_argument("--by", choices=["shape", "colour"], default="shape",
                     help="relation: name the two objects by shape (\"the circle\") or colour (\"the red object\")")
+    ap.add_argument("--form", choices=["open", "yesno"], default="open",
+                    help="relation: ask where the first object is, or yes/no about a relation as the base's data do")
     ap.add_argument("--pos-std", type=float, help="relation: init scale of the ViT's class and position embeddings "
                     "(default 0.02, armor.init_weights'; InternViT's own is 1)")
     ap.add_argument("--share", type=float, default=1.0, help="draw: share of position requests in the t2i data "
@@ -254,9 +263,10 @@ def main(argv=None):
     kv = args.kv_heads or min(llm.num_kv_heads, heads)
     if heads % kv or llm.hidden_size % heads:
         sys.exit(f"error: {heads} heads need a key/value head count dividing them and dividing {llm.hidden_size}")
-    acc, examples = relation(args.steps, layers, heads, kv, args.pos_std, args.by)
+    acc, examples = relation(args.steps, layers, heads, kv, args.pos_std, args.by, args.form)
     print(f"relation questions, {layers} layers x {heads} heads ({kv} kv), ViT position init std "
-          f"{args.pos_std or 0.02:g}, objects named by {args.by}, {args.steps} steps: held-out accuracy "
+          f"{args.pos_std or 0.02:g}, objects named by {args.by}, {args.form} questions, {args.steps} steps: "
+          f"held-out accuracy "
           f"{acc['all']:.3f} (chance 0.25); the right axis {acc['axis']:.3f} (chance 0.5); on left/right questions "
           f"{acc['left/right']:.3f}, on above/below ones {acc['above/below']:.3f} (chance 0.5 once the axis is "
           f"right); e.g. {examples}")
