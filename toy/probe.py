@@ -187,17 +187,15 @@ def drawing_scores(model_dir, seed, n=20):
     answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
     rel = {r: [0, 0, 0, 0] for r in pictures.RELATIONS}
     for it, ans in zip(items, answers):
-        a_spec, b_spec = it["spec"]["include"]
-        row, r = rel[a_spec["position"][0]], a_spec["position"][0]
-        row[0] += 1
+        spec, (a, b) = it["spec"], it["spec"]["include"]
+        r = a["position"][0]
         img = ev.first_image(vq, ans)
         dets = pictures.detect(img) if img is not None else []
-        a, b = ([d for d in dets if d.shape == s["shape"] and s.get("colour") in (None, d.colour)]
-                for s in (a_spec, b_spec))
-        if a and b:
-            row[1] += 1
-            row[2] += any(pictures.relation_holds(x, y, r) for x in a for y in b)
-            row[3] += any(pictures.relation_holds(x, y, pictures.OPPOSITE[r]) for x in a for y in b)
+        flipped = {**spec, "include": [{**a, "position": [pictures.OPPOSITE[r], 1]}, b]}
+        both = {**spec, "category": "two_object", "include": [{k: v for k, v in a.items() if k != "position"}, b]}
+        for i, ok in enumerate((True, pictures.check(both, dets), pictures.check(spec, dets),
+                                pictures.check(flipped, dets))):
+            rel[r][i] += ok
     return gen, scenes, rel
 
 
