@@ -2,6 +2,7 @@
 runs end to end (at tiny budgets) into a temporary folder, followed by toy/eval.py on its output."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -243,11 +244,12 @@ def test_pipeline_quick_end_to_end(tmp_path):
 # --- toy/probe.py ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("by,form", [("shape", "open"), ("colour", "open"), ("shape", "yesno")])
+@pytest.mark.parametrize("by,form", [("shape", "open"), ("colour", "open"), ("shape", "yesno"), ("shape", "sides")])
 def test_relation_questions_answer_what_the_picture_shows(by, form):
     """The relation probe's answers are right about its own pictures: the detector finds both objects, and the
     first named is where the answer says (a wrong answer key would make the probe measure nothing); a yes/no
-    question is answered yes exactly when it asks the relation the picture holds, which it does half the time."""
+    question is answered yes exactly when it asks the relation the picture holds, which it does half the time; the
+    sides an answer states first are where the detector finds the two objects."""
     from toy import probe
     keys = {v: k for k, v in pictures.RELATIONS.items()}
     qs = probe.relation_questions(40, seed=5, by=by, form=form)
@@ -265,6 +267,11 @@ def test_relation_questions_answer_what_the_picture_shows(by, form):
         assert set(dets) == {s1, s2}, (q["answer"], dets)
         assert pictures.relation_holds(dets[s1], dets[s2], rel), q["answer"]
         assert not pictures.relation_holds(dets[s2], dets[s1], rel), q["answer"]
+        if form == "sides":
+            side = {"left": lambda d: d.cx < 32, "right": lambda d: d.cx > 32,
+                    "top": lambda d: d.cy < 32, "bottom": lambda d: d.cy > 32}
+            said = re.findall(r"(?:on the|at the) (left|right|top|bottom)", q["conversations"][1]["value"])
+            assert len(said) == 2 and side[said[0]](dets[s1]) and side[said[1]](dets[s2]), q["conversations"]
 
 
 def test_drawing_probe_data_asks_for_the_positions_its_pictures_show():

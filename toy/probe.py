@@ -3,12 +3,14 @@ What the toy models carry and what they can learn, measured directly rather than
 
   python -m toy.probe tokens [--model toy/base]    # a linear probe: does each visual token say where in the picture
                                                    #   it is (its 4x4 grid cell)? held-out accuracy; chance 1/16
-  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--form open|yesno]
-                               [--pos-std 0.02]
+  python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--form open|yesno|sides]
+                               [--pos-std 1]
                                                    # a base trained from scratch (stage 0) on one task only: "Where
                                                    #   is the circle compared to the square?"; held-out accuracy of
                                                    #   the relation it names (four relations: chance 0.25), and of
                                                    #   its axis alone (left/right or above/below: chance 0.5)
+  python -m toy.probe relation --model runs/toy/base [--form open]
+                                                   # the same held-out questions asked of a base as it is
   python -m toy.probe draw [--steps 1500] [--share 1]
                                                    # the shipped ARMOR trained further (stage 2) on drawing data of
                                                    #   which --share are position requests ("a circle above a
@@ -76,11 +78,19 @@ def token_positions(model_dir, n_train=300, n_test=100, seed=0):
     return linear_probe(x, y, n_train * k, k)
 
 
+# Where each of two objects in a relation sits: place() keeps them three slots apart on the relation's axis, so the
+# first is on one side of the picture and the second on the other.
+SIDES = {"left of": ("on the left", "on the right"), "right of": ("on the right", "on the left"),
+         "above": ("at the top", "at the bottom"), "below": ("at the bottom", "at the top")}
+
+
 def relation_questions(n, seed, by="shape", form="open"):
     """Two objects of different shapes and colours, one clearly <relation> the other; asked where the first is,
     naming the objects by shape ("the circle") or by colour ("the red object"). form="yesno" asks as the base's
-    training set does ("Is the circle above the square?", the asked relation or its opposite, each half the time)
-    and is answered the same way ("The circle is below the square, so no."): the answer states the relation first."""
+    training set did before it asked open questions ("Is the circle above the square?", the asked relation or its
+    opposite, each half the time), answered "The circle is below the square, so no.": the relation first.
+    form="sides" asks the open question and answers with each object's side first ("The circle is on the left and
+    the square on the right, so the circle is to the left of the square.")."""
     rng, out = random.Random(seed), []
     for i in range(n):
         (s1, s2), (c1, c2) = rng.sample(pictures.SHAPES, 2), rng.sample(list(pictures.COLOURS), 2)
@@ -90,6 +100,9 @@ def relation_questions(n, seed, by="shape", form="open"):
         pic = pictures.Picture("objects", pictures.place([(s1, c1), (s2, c2)], rng, key),
                                pictures.random_background(rng))
         q, a = f"Where is the {n1} compared to the {n2}?", f"The {n1} is {rel} the {n2}."
+        if form == "sides":  # each object's side of the picture first, then the relation that follows from them
+            first, second = SIDES[key]
+            a = f"The {n1} is {first} and the {n2} {second}, so the {n1} is {rel} the {n2}."
         if form == "yesno":
             yes = rng.random() < 0.5
             asked = pictures.RELATIONS[key if yes else pictures.OPPOSITE[key]]
@@ -103,13 +116,13 @@ def relation_questions(n, seed, by="shape", form="open"):
 def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", form="open", n_train=4000, n_test=200):
     """Stage 0 from scratch on relation questions only, at the base recipe's batch and learning rate, with the toy
     LLM's depth and heads overridden, and the ViT's class and position embeddings drawn at pos_std (default
-    armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); returns held-out accuracy."""
+    armor.init_weights' 1.0, InternViT's own torch.randn; 0.02 was the toy base's before); returns held-out
+    accuracy."""
     import armor
     import train
     from tokenizer import Tokenizer
-    from . import eval as ev
     variant = ("" if by == "shape" else f"_{by}") + ("" if form == "open" else f"_{form}")
-    name = f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + (f"_pos{pos_std:g}" if pos_std else "") + variant
+    name = f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + f"_pos{pos_std or 1:g}" + variant
     out = os.path.join(OUT, name)
     data = os.path.join(OUT, "relation_data" + variant)
     if not os.path.exists(os.path.join(data, "ti2t.jsonl")):
@@ -137,9 +150,14 @@ def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", form="ope
                             "--dtype", pipeline._amp(), "--out", out, "--save-every", "200", "--resume"]).eval()
     finally:
         armor.init_weights = init_weights
-    held = relation_questions(n_test, seed=2, by=by, form=form)
-    answers = ev.base_answers(model, Tokenizer.from_dir(BASE), [q["conversations"][0]["value"] for q in held],
-                              [q["image"] for q in held])
+    return ask_relations(model, Tokenizer.from_dir(BASE), by, form, n_test)
+
+
+def ask_relations(model, tok, by="shape", form="open", n=200):
+    """A base's held-out relation answers -> (relation_scores, three examples)."""
+    from . import eval as ev
+    held = relation_questions(n, seed=2, by=by, form=form)
+    answers = ev.base_answers(model, tok, [q["conversations"][0]["value"] for q in held], [q["image"] for q in held])
     return relation_scores(held, answers), answers[:3]
 
 
@@ -224,17 +242,19 @@ def draw(steps, share, lr, seeds, n_train=6000):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["tokens", "relation", "draw"])
-    ap.add_argument("--model", default=BASE, help="tokens: the base MLLM directory")
+    ap.add_argument("--model", help="tokens: the base MLLM directory (default toy/base); relation: a base to ask "
+                    "instead of training one")
     ap.add_argument("--steps", type=int, help="relation: stage-0 steps (default 400); draw: stage-2 steps (1500)")
     ap.add_argument("--layers", type=int, help="relation: LLM layers (default: the toy preset's)")
     ap.add_argument("--heads", type=int, help="relation: attention heads (default: the toy preset's)")
     ap.add_argument("--kv-heads", type=int, help="relation: key/value heads (default: the toy preset's)")
     ap.add_argument("--by", choices=["shape", "colour"], default="shape",
                     help="relation: name the two objects by shape (\"the circle\") or colour (\"the red object\")")
-    ap.add_argument("--form", choices=["open", "yesno"], default="open",
-                    help="relation: ask where the first object is, or yes/no about a relation as the base's data do")
+    ap.add_argument("--form", choices=["open", "yesno", "sides"], default="open",
+                    help="relation: ask where the first object is, or yes/no about a relation (as the base's data did), or "
+                    "where it is answered with each object's side first")
     ap.add_argument("--pos-std", type=float, help="relation: init scale of the ViT's class and position embeddings "
-                    "(default 0.02, armor.init_weights'; InternViT's own is 1)")
+                    "(default 1: armor.init_weights', InternViT's own)")
     ap.add_argument("--share", type=float, default=1.0, help="draw: share of position requests in the t2i data "
                     "(1: nothing else; below 1, the recipe's t2i and t2ti records fill the rest)")
     ap.add_argument("--lr", type=float, default=pipeline.TRAIN[2][2], help="draw: stage-2 learning rate")
@@ -243,6 +263,7 @@ def main(argv=None):
     if not 0 < args.share <= 1:
         sys.exit(f"error: --share is a share in (0, 1], got {args.share}")
     if args.which == "tokens":
+        args.model = args.model or BASE
         print(f"{args.model}: visual token -> its grid cell, held-out accuracy {token_positions(args.model):.3f} "
               f"(chance {1 / 16:.3f})")
         return
@@ -254,8 +275,15 @@ def main(argv=None):
                 print(f"{name}, seed {seed}: GenEval-style {gen['overall']:.3f}, scenes {scenes:.3f}; relation drawn "
                       f"right {right:.3f}: {cells}", flush=True)
         return
-    args.steps = args.steps or 400
     import armor
+    if args.model:  # a base as it is: only asked
+        from tokenizer import Tokenizer
+        model = armor.from_internvl(args.model, armor=False, verbose=False).eval()
+        acc, examples = ask_relations(model, Tokenizer.from_dir(args.model), args.by, args.form)
+        print(f"{args.model}: held-out relation questions ({args.form}, objects named by {args.by}): "
+              f"{_relation_figures(acc, examples)}")
+        return
+    args.steps = args.steps or 400
     llm = armor.PRESETS["toy"]().llm
     layers, heads = args.layers or llm.num_layers, args.heads or llm.num_heads
     kv = args.kv_heads or min(llm.num_kv_heads, heads)
@@ -263,11 +291,14 @@ def main(argv=None):
         sys.exit(f"error: {heads} heads need a key/value head count dividing them and dividing {llm.hidden_size}")
     acc, examples = relation(args.steps, layers, heads, kv, args.pos_std, args.by, args.form)
     print(f"relation questions, {layers} layers x {heads} heads ({kv} kv), ViT position init std "
-          f"{args.pos_std or 0.02:g}, objects named by {args.by}, {args.form} questions, {args.steps} steps: "
-          f"held-out accuracy "
-          f"{acc['all']:.3f} (chance 0.25); the right axis {acc['axis']:.3f} (chance 0.5); on left/right questions "
-          f"{acc['left/right']:.3f}, on above/below ones {acc['above/below']:.3f} (chance 0.5 once the axis is "
-          f"right); e.g. {examples}")
+          f"{args.pos_std or 1:g}, objects named by {args.by}, {args.form} questions, {args.steps} steps: "
+          f"{_relation_figures(acc, examples)}")
+
+
+def _relation_figures(acc, examples):
+    return (f"held-out accuracy {acc['all']:.3f} (chance 0.25); the right axis {acc['axis']:.3f} (chance 0.5); on "
+            f"left/right questions {acc['left/right']:.3f}, on above/below ones {acc['above/below']:.3f} (chance 0.5 "
+            f"once the axis is right); e.g. {examples}")
 
 
 if __name__ == "__main__":
