@@ -31,7 +31,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -59,17 +58,12 @@ VQ_CELL_LOCAL = True
 # drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
 # weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
-# extra ti2t records per ti2t record, each an open question about where one object is compared to another: the
-# direction of a relation is the last thing a base learns to read (python -m toy.probe relation: the axis at once,
-# which way round only after about 3,000 steps of nothing else), so the base sees about 100,000 of them in 8,000
-# steps; its other question kinds keep the number of examples they had at 4,000 steps without them
-WHERE = 1.0
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
 # which a mean over the picture gives, were learnt), and at 3e-4 it reads them within 300 steps
 # (tests/test_toy.py::test_base_learns_to_read_shapes)
-TRAIN = {0: (8000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (12000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+TRAIN = {0: (4000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (12000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 # train.py --mix per stage where it is not the stage's own (data.STAGE_MIX): the base reads three pictures for every
 # text record, since what it must learn about pictures (binding colours, counts and places to objects) is the slow part
 MIX = {0: "t2t=1,ti2t=3"}
@@ -146,19 +140,17 @@ def prepared_once(folder):
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True, where=WHERE):
-    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]; the
-    ti2t set with `where` extra position questions per record."""
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
+    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
-    recipe, path = {"name_colours": name_colours, "where": where}, os.path.join(p["data"], "recipe.json")
+    recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
     if os.path.exists(path):
         with open(path) as f:
             before = json.load(f)
     else:  # data made before recipes were recorded named no colours
         before = {"name_colours": 0.0} if made else recipe
-    before.setdefault("where", 0.0)  # nor, before `where`, had extra position questions
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")
@@ -167,12 +159,7 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True, w
     os.replace(path + ".tmp", path)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
-            records = world.make_mixture(kind, n, seed, "train", name_colours)
-            if kind == "ti2t" and where:
-                rng = random.Random(f"ti2t-where/{seed}")  # its own stream: the mixture's records stay as they were
-                records += [world.make_record("ti2t", rng, rid=f"ti2t-where-{seed}-{i}", category="where")
-                            for i in range(round(n * where))]
-            world.write_dataset(records, p["data"], f"{kind}_train")
+            world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours), p["data"], f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
