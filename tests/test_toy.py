@@ -304,6 +304,21 @@ def test_linear_probe_reads_a_planted_position_and_not_noise():
     assert probe.linear_probe(noise, y, 16 * 150, 16) < 0.2
 
 
+def test_relation_probe_asks_a_given_base_without_training(tmp_path, monkeypatch, capsys):
+    """toy.probe relation --model DIR: that base (and its tokenizer) answers the held-out questions; nothing is
+    trained, and training options with it are a one-line error."""
+    from toy import probe
+    ask = probe.relation_questions
+    monkeypatch.setattr(probe, "relation_questions", lambda n, seed, **kw: ask(6, seed, **kw))
+    monkeypatch.setattr(probe, "OUT", str(tmp_path / "probe"))
+    probe.main(["relation", "--model", str(TOY / "base")])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"{TOY / 'base'}: held-out relation questions (open") and "held-out accuracy" in line
+    assert not (tmp_path / "probe").exists()
+    with pytest.raises(SystemExit, match="asks that base as it is"):
+        probe.main(["relation", "--model", str(TOY / "base"), "--steps", "10"])
+
+
 def test_relation_scores_split_the_axis_from_the_direction():
     """toy.probe relation's figures: answers that name the opposite relation are on the right axis every time and
     right never; a perfect answer sheet scores 1 everywhere."""

@@ -116,7 +116,7 @@ def relation_questions(n, seed, by="shape", form="open"):
 def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", form="open", n_train=4000, n_test=200):
     """Stage 0 from scratch on relation questions only, at the base recipe's batch and learning rate, with the toy
     LLM's depth and heads overridden, and the ViT's class and position embeddings drawn at pos_std (default
-    armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); returns held-out accuracy."""
+    armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); -> ask_relations' (scores, examples)."""
     import armor
     import train
     from tokenizer import Tokenizer
@@ -276,6 +276,9 @@ def main(argv=None):
         return
     import armor
     if args.model:  # a base as it is: only asked
+        if any(v is not None for v in (args.steps, args.layers, args.heads, args.kv_heads, args.pos_std)):
+            sys.exit("error: relation --model asks that base as it is; --steps, --layers, --heads, --kv-heads and "
+                     "--pos-std are for training one")
         from tokenizer import Tokenizer
         model = armor.from_internvl(args.model, armor=False, verbose=False).eval()
         acc, examples = ask_relations(model, Tokenizer.from_dir(args.model), args.by, args.form)
