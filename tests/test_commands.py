@@ -161,6 +161,11 @@ def lines(path):
     return Path(path).read_text().splitlines()
 
 
+def t2i_records(n=40):  # make_data's t2i records: n and the recipe's extra position requests
+    from toy import pipeline
+    return n + round(n * pipeline.POSITIONS)
+
+
 @pytest.mark.e2e
 def test_two_processes_preparing_the_toy_data_at_once(tmp_path):
     procs = [prepare(tmp_path / "data") for _ in range(2)]
@@ -168,7 +173,7 @@ def test_two_processes_preparing_the_toy_data_at_once(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "prepared" in out, err
     assert sum("waiting for another process" in out for out, _ in outs) <= 1
-    assert len(lines(tmp_path / "data" / "t2i_train.jsonl")) == 40
+    assert len(lines(tmp_path / "data" / "t2i_train.jsonl")) == t2i_records()
     assert len(lines(tmp_path / "data" / "t2ti_train.jsonl")) == 20
     assert not list((tmp_path / "data").glob("*.tmp"))
 
@@ -182,7 +187,7 @@ def test_a_killed_preparation_is_redone_not_read(tmp_path):
     p = prepare(tmp_path / "data")
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    assert len(lines(tmp_path / "data" / "t2i_train.jsonl")) == 40
+    assert len(lines(tmp_path / "data" / "t2i_train.jsonl")) == t2i_records()
 
 
 def test_a_warmup_longer_than_the_run_is_called_out(world, tmp_path, capsys):

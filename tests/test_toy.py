@@ -292,6 +292,31 @@ def test_drawing_probe_data_asks_for_the_positions_its_pictures_show():
     assert 6 <= cats.count("position") < 12 and len(half["t2i"]) == 12 and len(half["t2ti"]) == 4
 
 
+def test_code_meanings_tell_a_code_per_cell_from_one_that_drops_colour():
+    """toy.probe codes: an encoder whose code is the cell's pixels names one colour and one kind per code (both
+    entropies 0, as many codes as kinds, held-out pairs' cells all new); one that drops the colour (its code is the
+    cell's shape alone) stands for all six colours, about ln 6 nats, and the held-out pairs reuse its codes."""
+    import math
+
+    import numpy as np
+    from toy import probe
+
+    def cells(img, colour_blind):
+        a = np.asarray(img.convert("RGB"), dtype=np.int64)
+        if colour_blind:  # object pixels -> 1, background -> 0: what is left is the shape
+            a = (np.abs(a - a[:1, :1]).sum(-1, keepdims=True) > 30).astype(np.int64)
+        c = a.reshape(8, 8, 8, 8, -1).transpose(0, 2, 1, 3, 4).reshape(8, 8, -1)
+        return [[hash(c[y, x].tobytes()) for x in range(8)] for y in range(8)]
+
+    exact = probe.code_meanings(lambda img: np.array(cells(img, False), dtype=object), 60)
+    blind = probe.code_meanings(lambda img: np.array(cells(img, True), dtype=object), 60)
+    assert exact["h_colour"] == exact["h_kind"] == 0 and exact["heldout_reused"] == 0
+    squares = sum(s == "square" for _, s in pictures.TRAIN_PAIRS)
+    assert exact["codes"] >= exact["kinds"] == 4 * len(pictures.TRAIN_PAIRS) - 3 * squares
+    assert blind["h_colour"] > 0.8 * math.log(len(pictures.COLOURS)) and blind["heldout_reused"] == 1
+    assert blind["codes"] < exact["codes"]
+
+
 def test_linear_probe_reads_a_planted_position_and_not_noise():
     """toy.probe's linear probe: held-out accuracy 1 where the class is written into the features, chance where it
     is not."""

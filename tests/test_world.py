@@ -387,7 +387,42 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     pipeline.make_data(p, {k: 2 for k in TYPES})  # the same recipe again: reused
     with pytest.raises(SystemExit, match="another --data"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
-    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {"name_colours": pipeline.NAME_COLOURS}
+    assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {
+        "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "positions": pipeline.POSITIONS}
+    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')  # written before across and positions
+    with pytest.raises(SystemExit, match="'across': 8, 'positions': 0"):
+        pipeline.make_data(p, {k: 2 for k in TYPES}, across=0)
+    pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, positions=0)  # that recipe: reused
+
+
+def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positions():
+    """world.make_mixture's across and positions (pipeline.DRAW_ACROSS, POSITIONS): across 0 puts every left/right
+    pair of the t2i pictures on one row (at 8, as pictures.ACROSS is, most pairs sit a cell apart), positions adds that
+    many position requests whose pictures hold the relation; the records made without them are kept, in another
+    order, and nothing else is touched: pictures.ACROSS afterwards, the other types refuse the options. across 8 and
+    no positions (the pipeline's defaults) give the records made without the options."""
+    def rows(recs):
+        same = [(objs := r["meta"]["pictures"]["out"][0]["objects"])[0]["cy"] == objs[1]["cy"]
+                for r in recs if (r["meta"]["image_spec"] or {}).get("category") == "position"
+                and r["meta"]["image_spec"]["include"][0]["position"][0] in ("left of", "right of")]
+        return sum(same) / len(same)
+
+    plain = world.make_mixture("t2i", 600, 3)
+    assert rows(plain) < 0.6 and world.make_mixture("t2i", 600, 3, across=8, positions=0) == plain
+    aligned = world.make_mixture("t2i", 600, 3, across=0)
+    assert rows(aligned) == 1.0 and pictures.ACROSS == 8
+    more = world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0, positions=200)
+    assert len(more) == 800 and rows(more) == 1.0
+    ids = {r["id"]: r for r in world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0)}
+    assert all(ids[r["id"]] == r for r in more if r["id"] in ids) and len(ids.keys() & {r["id"] for r in more}) == 600
+    extra = [r for r in more if r["id"] not in ids]
+    assert all(r["meta"]["image_spec"]["category"] == "position" for r in extra)
+    for rec in extra[:40]:
+        (a, b), rel = rec["meta"]["image_spec"]["include"], rec["meta"]["image_spec"]["include"][0]["position"][0]
+        dets = {d.shape: d for d in pictures.detect(rec["out_images"][0])}
+        assert pictures.relation_holds(dets[a["shape"]], dets[b["shape"]], rel)
+    with pytest.raises(ValueError, match="training t2i"):
+        world.make_mixture("t2ti", 5, 3, positions=2)
 
 
 def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):

@@ -112,11 +112,16 @@ def _apart(a, b, gap=CELL):
     return abs(a.cx - b.cx) >= need or abs(a.cy - b.cy) >= need
 
 
+# how far (px) two objects in a relation may sit apart on the other axis: 8 puts one of a left/right pair a cell
+# higher than the other in two pictures of three, so in raster order the right-hand object is often drawn first
+ACROSS = 8
+
+
 def _clearly(a, b, rel):
-    """a is <rel> b by at least an object's width on that axis and at most 8 px off on the other axis."""
+    """a is <rel> b by at least an object's width on that axis and at most ACROSS px off on the other axis."""
     dx, dy = b.cx - a.cx, b.cy - a.cy
     along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[rel]
-    return along >= 16 and abs(across) <= 8
+    return along >= 16 and abs(across) <= ACROSS
 
 
 def place(items, rng, relation=None) -> list:

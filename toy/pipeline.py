@@ -58,6 +58,13 @@ VQ_CELL_LOCAL = True
 # drawn (world.with_colours): only "colors" and "color_attr" requests did, and the drawing model read colour words
 # weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
+# how far apart (px) a t2i position picture's two objects may sit on the other axis (pictures.ACROSS): at 8 one of a
+# left/right pair is often a cell higher, so raster order draws the right-hand one first in nearly a third of the
+# pictures; 0 puts the pair on one row (python -m toy.probe draw --across 0: left/right then learnt as above/below).
+# POSITIONS: extra position requests as a share of the t2i records, which ask for a position once in twelve.
+# --across 0 --positions 0.25 reached the position target and lost colour binding (docs/toy_history.md)
+DRAW_ACROSS = 8
+POSITIONS = 0.0
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
@@ -140,17 +147,21 @@ def prepared_once(folder):
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
-    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"]."""
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, positions=POSITIONS,
+              base_text=True):
+    """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"];
+    name_colours and across are world.make_mixture's for the t2i records, positions its extra position requests as a
+    share of them."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
-    recipe, path = {"name_colours": name_colours}, os.path.join(p["data"], "recipe.json")
+    recipe = {"name_colours": name_colours, "across": across, "positions": positions}
+    path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
     if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
+        with open(path) as f:  # recorded before across and positions were: 8 and none
+            before = {"across": 8, "positions": 0, **json.load(f)}
     else:  # data made before recipes were recorded named no colours
-        before = {"name_colours": 0.0} if made else recipe
+        before = {"name_colours": 0.0, "across": 8, "positions": 0} if made else recipe
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")
@@ -159,7 +170,9 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, base_text=True):
     os.replace(path + ".tmp", path)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
-            world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours), p["data"], f"{kind}_train")
+            drawing = dict(across=across, positions=round(positions * n)) if kind == "t2i" else {}
+            world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours, **drawing), p["data"],
+                                f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
@@ -317,10 +330,17 @@ def main(argv=None):
                     help="weight of the VQGAN's locality term (vqgan.train_vqgan); 0 = the shipped recipe")
     ap.add_argument("--no-cell-local", dest="cell_local", action="store_false",
                     help="the VQGAN's encoder reads the whole image (the VQGAN shipped before), not each cell alone")
+    ap.add_argument("--across", type=float, default=DRAW_ACROSS,
+                    help="how far apart (px) a t2i position picture's two objects may sit on the other axis "
+                         "(pictures.ACROSS); 0 puts a left/right pair on one row")
+    ap.add_argument("--positions", type=float, default=POSITIONS,
+                    help="extra t2i position requests, as a share of the t2i records")
     ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
                     help="share of t2i object requests that name no colour rewritten to name the colours drawn "
                          "(world.with_colours); 0 = the data of the model shipped before")
     args = ap.parse_args(argv)
+    if args.across < 0 or args.positions < 0:
+        ap.error("--across and --positions cannot be negative")
     p = paths(args.data, args.runs, args.ship)
     if args.command == "prepare":
         if args.stage is None:
@@ -344,7 +364,7 @@ def main(argv=None):
         timings[name] = time.time() - t
 
     with prepared_once(p["data"]):
-        timed("data", make_data, p, n, name_colours=args.name_colours)
+        timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, positions=args.positions)
     timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local, device=args.device)

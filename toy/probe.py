@@ -11,22 +11,29 @@ What the toy models carry and what they can learn, measured directly rather than
                                                    #   its axis alone (left/right or above/below: chance 0.5)
   python -m toy.probe relation --model runs/toy/base [--form open]
                                                    # the same held-out questions asked of a base as it is
-  python -m toy.probe draw [--steps 1500] [--share 1]
+  python -m toy.probe draw [--steps 1500] [--share 1] [--across 8]
                                                    # the shipped ARMOR trained further (stage 2) on drawing data of
                                                    #   which --share are position requests ("a circle above a
-                                                   #   square"); GenEval-style overall, scenes, and how often each
+                                                   #   square"), their two objects at most --across px apart on the
+                                                   #   other axis; GenEval-style overall, scenes, and how often each
                                                    #   relation and its opposite are drawn, before and after
+  python -m toy.probe codes [--vqgan toy/vqgan] [--n 2000]
+                                                   # what one VQ code says about its cell: how many codes carry the
+                                                   #   object cells, and how many colours and cell kinds (colour,
+                                                   #   shape, quarter) each code stands for
 
 Placing objects relative to each other is the hardest thing the toy world asks, in reading and in drawing (the
 README's position row). `tokens` asks whether the picture's side carries positions; `relation` asks whether an LLM of
 a given depth and width learns to compare two of them within minutes, before a full `python -m toy` run is spent on
 it. `draw` asks the same of drawing: whether stage 2's trainable parts (new rows, adapter, visual head, over the
-frozen LLM) can learn to place two objects at all when given nothing else to learn. Each prints its figures;
+frozen LLM) can learn to place two objects at all when given nothing else to learn. `codes` asks what the drawing
+model's vocabulary says: whether one VQ code names one colour and one kind of cell. Each prints its figures;
 `relation` and `draw` keep their runs in runs/probe/ (train.py --resume).
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -177,12 +184,72 @@ def relation_scores(held, answers):
     return out
 
 
-def drawing_data(n, share, seed=1):
+def object_cells(pic, codes):
+    """[(object, [its 4 codes: top-left, top-right, bottom-left, bottom-right])] of a picture and its (8, 8) codes:
+    every object covers a 2x2 block of cells (pictures.place)."""
+    out = []
+    for o in pic.objects:
+        x, y = int(o.cx - o.size / 2) // pictures.CELL, int(o.cy - o.size / 2) // pictures.CELL
+        out.append((o, [int(codes[y + q // 2, x + q % 2]) for q in range(4)]))
+    return out
+
+
+def _entropy(counts):
+    t = sum(counts.values())
+    return -sum(n / t * math.log(n / t) for n in counts.values() if n)
+
+
+@torch.no_grad()
+def code_meanings(encode, n, seed=0):
+    """Over n random object pictures (training compositions), encode(PIL image) -> (8, 8) codes: the codes used by
+    object cells, the cell kinds seen (colour, shape, and the quarter but for squares), H(colour | code) and
+    H(kind | code) in nats (0: every code names one colour, one kind), and the share of the cells of held-out
+    colour-shape pairs (pictures.HELDOUT_COLOUR_SHAPE, never in a training picture) whose code some training
+    picture's cell also has."""
+    from collections import Counter, defaultdict
+    rng, kinds = random.Random(f"codes/{seed}"), defaultdict(Counter)
+    for _ in range(n):
+        pic = pictures.random_objects(rng)
+        for o, cells in object_cells(pic, encode(pictures.render(pic))):
+            for q, c in enumerate(cells):  # a square's four quarters look alike: one kind
+                kinds[c][(o.colour, o.shape, None if o.shape == "square" else q)] += 1
+    total = sum(sum(k.values()) for k in kinds.values())
+    h_kind = sum(sum(k.values()) / total * _entropy(k) for k in kinds.values())
+    h_colour = 0.0
+    for k in kinds.values():
+        by_colour = Counter()
+        for (colour, _, _), m in k.items():
+            by_colour[colour] += m
+        h_colour += sum(k.values()) / total * _entropy(by_colour)
+    seen, reused = 0, 0
+    for colour, shape in pictures.HELDOUT_COLOUR_SHAPE:
+        for _ in range(max(1, n // 20)):  # the pair beside one object of a training pair
+            other = rng.choice(pictures.TRAIN_PAIRS)
+            pic = pictures.Picture("objects", pictures.place([(shape, colour), other[::-1]], rng),
+                                   pictures.random_background(rng))
+            for c in object_cells(pic, encode(pictures.render(pic)))[0][1]:
+                seen, reused = seen + 1, reused + (c in kinds)
+    return dict(codes=len(kinds), kinds=len({x for k in kinds.values() for x in k}), h_colour=h_colour,
+                h_kind=h_kind, heldout_reused=reused / seen)
+
+
+def vqgan_encoder(vq_dir):
+    """PIL image -> its (8, 8) VQ codes under the VQGAN in vq_dir."""
+    from vqgan import encode_pil, load_vqgan
+    vq = load_vqgan(vq_dir).float().eval()
+    return lambda img: encode_pil(vq, [img], pictures.SIZE)[0].view(pictures.SIZE // pictures.CELL, -1)
+
+
+def drawing_data(n, share, seed=1, across=None):
     """n stage-2 t2i records, a share of them position requests ("draw a circle above a square") and the rest the
     recipe's own t2i mixture (which asks for positions in one request of twelve); below share 1, the recipe's t2ti
     records too (n / 3), so every kind of drawing stays in the mix. Colours are named as in the recipe."""
     rng, k = random.Random(f"probe-draw/{seed}"), round(n * share)
-    pos = [world.make_record("t2i", rng, rid=f"pos-{seed}-{i}", category="position") for i in range(k)]
+    keep, pictures.ACROSS = pictures.ACROSS, pictures.ACROSS if across is None else across
+    try:
+        pos = [world.make_record("t2i", rng, rid=f"pos-{seed}-{i}", category="position") for i in range(k)]
+    finally:
+        pictures.ACROSS = keep
     named = random.Random(f"probe-draw-named/{seed}")
     pos = [world.with_colours(r) if named.random() < pipeline.NAME_COLOURS else r for r in pos]
     t2i = pos + world.make_mixture("t2i", n - k, seed, name_colours=pipeline.NAME_COLOURS)
@@ -216,15 +283,16 @@ def drawing_scores(model_dir, seed, n=20):
     return gen, scenes, rel
 
 
-def draw(steps, share, lr, seeds, n_train=6000):
+def draw(steps, share, lr, seeds, across=None, n_train=6000):
     """Stage 2 continued from the shipped ARMOR on drawing_data at the recipe's batch; -> {model: [scores per seed]}."""
     import train
-    name = f"draw_p{share:g}_s{steps}_lr{lr:g}"
-    out, data = os.path.join(OUT, name), os.path.join(OUT, f"draw_data_p{share:g}")
+    tag = f"p{share:g}" + ("" if across is None else f"_a{across:g}")
+    name = f"draw_{tag}_s{steps}_lr{lr:g}"
+    out, data = os.path.join(OUT, name), os.path.join(OUT, f"draw_data_{tag}")
     sets = None
     for kind in ("t2i", "t2ti"):
         if not os.path.exists(os.path.join(data, kind + ".jsonl")):
-            sets = sets or drawing_data(n_train, share)
+            sets = sets or drawing_data(n_train, share, across=across)
             world.write_dataset(sets[kind], data, kind)
     _, batch, _, warmup = pipeline.TRAIN[2]
     train.main(["--stage", "2", "--init", os.path.join(ROOT, "toy", "armor"),
@@ -240,7 +308,7 @@ def draw(steps, share, lr, seeds, n_train=6000):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["tokens", "relation", "draw"])
+    ap.add_argument("which", choices=["tokens", "relation", "draw", "codes"])
     ap.add_argument("--model", help="tokens: the base MLLM directory (default toy/base); relation: a base to ask "
                     "instead of training one")
     ap.add_argument("--steps", type=int, help="relation: stage-0 steps (default 400); draw: stage-2 steps (1500)")
@@ -257,7 +325,11 @@ def main(argv=None):
     ap.add_argument("--share", type=float, default=1.0, help="draw: share of position requests in the t2i data "
                     "(1: nothing else; below 1, the recipe's t2i and t2ti records fill the rest)")
     ap.add_argument("--lr", type=float, default=pipeline.TRAIN[2][2], help="draw: stage-2 learning rate")
+    ap.add_argument("--across", type=float, help="draw: how far apart (px) the position requests' two objects may "
+                    "sit on the other axis (pictures.ACROSS, default 8; 0 puts a left/right pair on one row)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 7], help="draw: evaluation seeds")
+    ap.add_argument("--vqgan", help="codes: the VQGAN directory (default toy/vqgan)")
+    ap.add_argument("--n", type=int, default=2000, help="codes: object pictures to encode")
     args = ap.parse_args(argv)
     if not 0 < args.share <= 1:
         sys.exit(f"error: --share is a share in (0, 1], got {args.share}")
@@ -266,8 +338,17 @@ def main(argv=None):
         print(f"{args.model}: visual token -> its grid cell, held-out accuracy {token_positions(args.model):.3f} "
               f"(chance {1 / 16:.3f})")
         return
+    if args.which == "codes":
+        vq_dir = args.vqgan or os.path.join(ROOT, "toy", "vqgan")
+        m = code_meanings(vqgan_encoder(vq_dir), args.n)
+        print(f"{vq_dir}, {args.n} object pictures: {m['codes']} codes carry every object cell, of {m['kinds']} cell "
+              f"kinds (colour x shape x quarter, a square's quarters one kind); H(colour | code) "
+              f"{m['h_colour']:.2f} nats, H(kind | code) {m['h_kind']:.2f} nats (0 when a code names one colour, "
+              f"one kind); cells of held-out colour-shape pairs whose code a training picture also has: "
+              f"{m['heldout_reused']:.3f}")
+        return
     if args.which == "draw":
-        for name, per_seed in draw(args.steps or 1500, args.share, args.lr, args.seeds).items():
+        for name, per_seed in draw(args.steps or 1500, args.share, args.lr, args.seeds, args.across).items():
             for seed, (gen, scenes, rel) in zip(args.seeds, per_seed):
                 right = sum(v[2] for v in rel.values()) / max(1, sum(v[0] for v in rel.values()))
                 cells = ", ".join(f"{r} {h}/{n} (opposite {o})" for r, (n, b, h, o) in rel.items())

@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 from PIL import Image, ImageDraw
 
+from . import pictures
 from .pictures import (CATEGORIES, colour_for, COLOURS, describe, HELDOUT_CATEGORIES, HELDOUT_COLOUR_SHAPE,
                       HELDOUT_COUNT_SHAPE, NUMBERS, OPPOSITE, phrase, Picture, place, random_background,
                       random_objects, RELATIONS, render, sample_spec, scene_picture, SCENES, score_image, SHAPES,
@@ -328,22 +329,36 @@ def base_text_mixture(n, seed, refusals=0.5) -> list:
     return out
 
 
-def make_mixture(kind, n, seed, split="train", name_colours=0.0) -> list:
+def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, positions=0) -> list:
     """n records of one type. split="train": training compositions and phrasings only; "heldout": evaluation
     prompts (held-out compositions where the type has objects to hold out, held-out phrasings). name_colours: the
     share of training t2i object requests that do not name colours rewritten to name the colours drawn (with_colours);
-    0 (the data of the toy model shipped before pipeline.NAME_COLOURS) leaves every byte as it was."""
+    0 (the data of the toy model shipped before pipeline.NAME_COLOURS) leaves every byte as it was. Training t2i
+    only: across sets pictures.ACROSS for its pictures (None: as it is), and positions more position requests are
+    mixed in (0: none)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if kind == "ti2ti" and split == "train":
         raise ValueError("ti2ti is for evaluation only (the paper never trains it); use split='heldout' or ti2ti_set")
     if not 0.0 <= name_colours <= 1.0:
         raise ValueError(f"name_colours is a share in [0, 1], got {name_colours}")
-    rng = random.Random(f"{kind}/{split}/{seed}")
-    out = [make_record(kind, rng, split, split, f"{kind}-{split}-{seed}-{i}") for i in range(n)]
-    if kind == "t2i" and split == "train" and name_colours > 0:
+    drawing = kind == "t2i" and split == "train"
+    if not drawing and (across is not None or positions):
+        raise ValueError("across and positions are for training t2i records")
+    keep, pictures.ACROSS = pictures.ACROSS, pictures.ACROSS if across is None else across
+    try:
+        rng = random.Random(f"{kind}/{split}/{seed}")
+        out = [make_record(kind, rng, split, split, f"{kind}-{split}-{seed}-{i}") for i in range(n)]
+        more = random.Random(f"{kind}/{split}/{seed}/positions")  # its own stream: the records above stay as they were
+        out += [make_record(kind, more, rid=f"{kind}-{split}-{seed}-position-{i}", category="position")
+                for i in range(positions)]
+    finally:
+        pictures.ACROSS = keep
+    if drawing and name_colours > 0:
         named = random.Random(f"name-colours/{seed}")  # its own stream: the records and pictures stay as they were
         out = [with_colours(r) if named.random() < name_colours else r for r in out]
+    if positions:
+        random.Random(f"shuffle/{seed}").shuffle(out)
     return out
 
 
