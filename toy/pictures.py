@@ -13,6 +13,7 @@ Everything that samples takes a random.Random: same seed, same bytes.
 import math
 import random
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -115,6 +116,17 @@ def _apart(a, b, gap=CELL):
 # how far (px) two objects in a relation may sit apart on the other axis: 8 puts one of a left/right pair a cell
 # higher than the other in two pictures of three, so in raster order the right-hand object is often drawn first
 ACROSS = 8
+
+
+@contextmanager
+def across(px):
+    """ACROSS set to px (None: as it is) inside a with block, for data that places its pairs otherwise."""
+    global ACROSS
+    keep, ACROSS = ACROSS, ACROSS if px is None else px
+    try:
+        yield
+    finally:
+        ACROSS = keep
 
 
 def _clearly(a, b, rel):

@@ -345,15 +345,12 @@ def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, po
     drawing = kind == "t2i" and split == "train"
     if not drawing and (across is not None or positions):
         raise ValueError("across and positions are for training t2i records")
-    keep, pictures.ACROSS = pictures.ACROSS, pictures.ACROSS if across is None else across
-    try:
+    with pictures.across(across):
         rng = random.Random(f"{kind}/{split}/{seed}")
         out = [make_record(kind, rng, split, split, f"{kind}-{split}-{seed}-{i}") for i in range(n)]
         more = random.Random(f"{kind}/{split}/{seed}/positions")  # its own stream: the records above stay as they were
         out += [make_record(kind, more, rid=f"{kind}-{split}-{seed}-position-{i}", category="position")
                 for i in range(positions)]
-    finally:
-        pictures.ACROSS = keep
     if drawing and name_colours > 0:
         named = random.Random(f"name-colours/{seed}")  # its own stream: the records and pictures stay as they were
         out = [with_colours(r) if named.random() < name_colours else r for r in out]
