@@ -113,13 +113,13 @@ def _apart(a, b, gap=CELL):
     return abs(a.cx - b.cx) >= need or abs(a.cy - b.cy) >= need
 
 
-# how far (px) two objects in a relation may sit apart on the other axis: 8 puts one of a left/right pair a cell
-# higher than the other in two pictures of three, so in raster order the right-hand object is often drawn first
+# how far (px) two objects in a relation may sit apart on the other axis: at 8 one of a left/right pair is often a
+# cell higher than the other, so in raster order the right-hand object is often drawn first
 ACROSS = 8
 
 
 @contextmanager
-def across(px):
+def across_at(px):
     """ACROSS set to px (None: as it is) inside a with block, for data that places its pairs otherwise."""
     global ACROSS
     keep, ACROSS = ACROSS, ACROSS if px is None else px

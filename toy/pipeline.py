@@ -59,8 +59,8 @@ VQ_CELL_LOCAL = True
 # weakly (README, "colours named"); --name-colours 0 gives the data of the model shipped before
 NAME_COLOURS = 0.5
 # how far apart (px) a t2i position picture's two objects may sit on the other axis (pictures.ACROSS): at 8 one of a
-# left/right pair is often a cell higher, so raster order draws the right-hand one first in nearly a third of the
-# pictures; 0 puts the pair on one row (python -m toy.probe draw --across 0: left/right then learnt as above/below).
+# left/right pair is often a cell higher, so raster order often draws the right-hand one first; 0 puts the pair on
+# one row (python -m toy.probe draw --across 0: left/right then learnt as above/below).
 # POSITIONS: extra position requests as a share of the t2i records, which ask for a position once in twelve.
 # --across 0 --positions 0.25 reached the position target and lost colour binding (docs/toy_history.md)
 DRAW_ACROSS = 8
@@ -157,11 +157,12 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
     recipe = {"name_colours": name_colours, "across": across, "positions": positions}
     path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
+    unrecorded = {"name_colours": 0.0, "across": 8, "positions": 0}  # what data made before a setting was recorded had
     if os.path.exists(path):
-        with open(path) as f:  # recorded before across and positions were: 8 and none
-            before = {"across": 8, "positions": 0, **json.load(f)}
-    else:  # data made before recipes were recorded named no colours
-        before = {"name_colours": 0.0, "across": 8, "positions": 0} if made else recipe
+        with open(path) as f:
+            before = {**unrecorded, **json.load(f)}
+    else:
+        before = unrecorded if made else recipe
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
         raise SystemExit(f"{p['data']} holds data made with {before}, not {recipe}: pass another --data "
                          f"directory, or --from data to make it again")

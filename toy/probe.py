@@ -245,7 +245,7 @@ def drawing_data(n, share, seed=1, across=None):
     recipe's own t2i mixture (which asks for positions in one request of twelve); below share 1, the recipe's t2ti
     records too (n / 3), so every kind of drawing stays in the mix. Colours are named as in the recipe."""
     rng, k = random.Random(f"probe-draw/{seed}"), round(n * share)
-    with pictures.across(across):
+    with pictures.across_at(across):
         pos = [world.make_record("t2i", rng, rid=f"pos-{seed}-{i}", category="position") for i in range(k)]
     named = random.Random(f"probe-draw-named/{seed}")
     pos = [world.with_colours(r) if named.random() < pipeline.NAME_COLOURS else r for r in pos]

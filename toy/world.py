@@ -345,7 +345,7 @@ def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, po
     drawing = kind == "t2i" and split == "train"
     if not drawing and (across is not None or positions):
         raise ValueError("across and positions are for training t2i records")
-    with pictures.across(across):
+    with pictures.across_at(across):
         rng = random.Random(f"{kind}/{split}/{seed}")
         out = [make_record(kind, rng, split, split, f"{kind}-{split}-{seed}-{i}") for i in range(n)]
         more = random.Random(f"{kind}/{split}/{seed}/positions")  # its own stream: the records above stay as they were
