@@ -60,7 +60,7 @@ VQ_CELL_LOCAL = True
 NAME_COLOURS = 0.5
 # how far apart (px) a t2i position picture's two objects may sit on the other axis (pictures.ACROSS): at 8 one of a
 # left/right pair is often a cell higher, so raster order often draws the right-hand one first; 0 puts the pair on
-# one row (python -m toy.probe draw --across 0: left/right then learnt as above/below).
+# one row (python -m toy.probe draw --across 0 against plain draw: within the spread between runs).
 # POSITIONS: extra position requests as a share of the t2i records, which ask for a position once in twelve.
 # --across 0 --positions 0.25 reached the position target and lost colour binding (docs/toy_history.md)
 DRAW_ACROSS = 8
