@@ -388,19 +388,24 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     with pytest.raises(SystemExit, match="another --data"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
     assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {
-        "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "positions": pipeline.POSITIONS}
-    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')  # written before across and positions
-    with pytest.raises(SystemExit, match="'across': 8, 'positions': 0"):
+        "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "more": pipeline.MORE}
+    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')  # written before across and more
+    with pytest.raises(SystemExit, match="'across': 8, 'more': {}"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, across=0)
-    pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, positions=0)  # that recipe: reused
+    pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, more={})  # that recipe: reused
+    # written when only positions could be asked for more often: read as more={"position": ...}
+    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5, "across": 0, "positions": 0.25}')
+    pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25})
+    with pytest.raises(SystemExit, match="another --data"):
+        pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25, "counting": 0.1})
 
 
 def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positions():
-    """world.make_mixture's across and positions (pipeline.DRAW_ACROSS, POSITIONS): across 0 puts every left/right
-    pair of the t2i pictures on one row (at 8, as pictures.ACROSS is, most pairs sit a cell apart), positions adds that
-    many position requests whose pictures hold the relation; the records made without them are kept, in another
-    order, and nothing else is touched: pictures.ACROSS afterwards, the other types refuse the options. across 8 and
-    no positions (the pipeline's defaults) give the records made without the options."""
+    """world.make_mixture's across and more (pipeline.DRAW_ACROSS, MORE): across 0 puts every left/right pair of the
+    t2i pictures on one row (at 8, as pictures.ACROSS is, most pairs sit a cell apart), more={"position": k} adds k
+    position requests whose pictures hold the relation; the records made without them are kept, in another order, and
+    nothing else is touched: pictures.ACROSS afterwards, the other types refuse the options. across 8 and no extra
+    requests (the pipeline's defaults) give the records made without the options."""
     def rows(recs):
         same = [(objs := r["meta"]["pictures"]["out"][0]["objects"])[0]["cy"] == objs[1]["cy"]
                 for r in recs if (r["meta"]["image_spec"] or {}).get("category") == "position"
@@ -408,10 +413,10 @@ def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positio
         return sum(same) / len(same)
 
     plain = world.make_mixture("t2i", 600, 3)
-    assert rows(plain) < 0.6 and world.make_mixture("t2i", 600, 3, across=8, positions=0) == plain
+    assert rows(plain) < 0.6 and world.make_mixture("t2i", 600, 3, across=8, more={"position": 0}) == plain
     aligned = world.make_mixture("t2i", 600, 3, across=0)
     assert rows(aligned) == 1.0 and pictures.ACROSS == 8
-    more = world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0, positions=200)
+    more = world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0, more={"position": 200})
     assert len(more) == 800 and rows(more) == 1.0
     ids = {r["id"]: r for r in world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0)}
     assert all(ids[r["id"]] == r for r in more if r["id"] in ids) and len(ids.keys() & {r["id"] for r in more}) == 600
@@ -422,7 +427,15 @@ def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positio
         dets = {d.shape: d for d in pictures.detect(rec["out_images"][0])}
         assert pictures.relation_holds(dets[a["shape"]], dets[b["shape"]], rel)
     with pytest.raises(ValueError, match="training t2i"):
-        world.make_mixture("t2ti", 5, 3, positions=2)
+        world.make_mixture("t2ti", 5, 3, more={"position": 2})
+    # each category from its own stream: the records made with positions alone stay as they were
+    both = world.make_mixture("t2i", 600, 3, name_colours=0.5, across=0, more={"counting": 50, "position": 200})
+    assert {r["id"]: r for r in more}.items() <= {r["id"]: r for r in both}.items()
+    counts = [r for r in both if "-counting-" in r["id"]]
+    assert len(both) == 850 and len(counts) == 50 and all(r["meta"]["image_spec"]["category"] == "counting"
+                                                          for r in counts)
+    with pytest.raises(ValueError, match="not among"):
+        world.make_mixture("t2i", 5, 3, more={"positions": 2})
 
 
 def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):
@@ -439,3 +452,25 @@ def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):
                      (tmp_path / f"runs{share}" / "tokenizer" / "tokenizer.json").read_bytes()))
     assert made[0][0] != made[1][0]  # the drawing requests differ
     assert made[0][1] == made[1][1]
+
+
+def test_toy_command_reads_more_and_stage2_steps(tmp_path, monkeypatch, capsys):
+    """python -m toy --more CATEGORY=SHARE and --stage2-steps: a wrong category or share stops with one error line
+    before anything is made, and stage 2's length reaches train.py with its snapshots spread over it."""
+    from toy import pipeline
+    where = ["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "r"), "--ship", str(tmp_path / "s")]
+    for bad, said in ((["--more", "positions=0.2"], "the category must be one of"),
+                      (["--more", "position=lots"], "wants CATEGORY=SHARE"),
+                      (["--more", "counting=-1"], "not negative"), (["--stage2-steps", "50"], "at least 200")):
+        with pytest.raises(SystemExit) as e:
+            pipeline.main(bad + where)
+        assert e.value.code == 2 and said in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "d").exists()
+    ran = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    p = pipeline.paths(*(str(tmp_path / k) for k in "drs"))
+    pipeline.train(2, p, steps=1600)
+    pipeline.train(3, p)
+    two, three = ran
+    assert two[two.index("--steps") + 1] == "1600" and two[two.index("--snapshot-every") + 1] == "200"
+    assert three[three.index("--steps") + 1] == str(pipeline.TRAIN[3][0])

@@ -18,6 +18,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python -m toy --from base        # redo from a step on (drops that step's outputs and the later ones)
   python -m toy --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
   python -m toy --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
+  python -m toy --more position=0.25 --stage2-steps 15000 --data D --runs R --ship S   # more of one request, longer
   python -m toy.eval               # then: the measured table of the README
   python -m toy prepare --stage 2  # only the data a bare `python train.py --stage 2` reads (toy/stage2.args)
 
@@ -61,10 +62,10 @@ NAME_COLOURS = 0.5
 # how far apart (px) a t2i position picture's two objects may sit on the other axis (pictures.ACROSS): at 8 one of a
 # left/right pair is often a cell higher, so raster order often draws the right-hand one first; 0 puts the pair on
 # one row (python -m toy.probe draw --across 0 against plain draw: within the spread between runs).
-# POSITIONS: extra position requests as a share of the t2i records, which ask for a position once in twelve.
-# --across 0 --positions 0.25 reached the position target and lost colour binding (docs/toy_history.md)
+# MORE: extra object requests of a GenEval category, as a share of the t2i records (which ask for each category once in
+# twelve): --across 0 --more position=0.25 reached the position target and lost colour binding (docs/toy_history.md)
 DRAW_ACROSS = 8
-POSITIONS = 0.0
+MORE = {}
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
@@ -147,20 +148,23 @@ def prepared_once(folder):
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, positions=POSITIONS,
-              base_text=True):
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, more=MORE, base_text=True):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"];
-    name_colours and across are world.make_mixture's for the t2i records, positions its extra position requests as a
-    share of them."""
+    name_colours and across are world.make_mixture's for the t2i records, more ({category: share}) its extra object
+    requests as a share of them."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
-    recipe = {"name_colours": name_colours, "across": across, "positions": positions}
+    more = {c: s for c, s in sorted(more.items()) if s}
+    recipe = {"name_colours": name_colours, "across": across, "more": more}
     path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
-    unrecorded = {"name_colours": 0.0, "across": 8, "positions": 0}  # what data made before a setting was recorded had
+    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}}  # what data made before a setting was recorded had
     if os.path.exists(path):
         with open(path) as f:
             before = {**unrecorded, **json.load(f)}
+        if "positions" in before:  # recorded before other categories could be asked for more often
+            positions = before.pop("positions")
+            before["more"] = {"position": positions} if positions else {}
     else:
         before = unrecorded if made else recipe
     if before != recipe:  # the steps below reuse what exists: data of another recipe would pass for this one
@@ -171,7 +175,7 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
     os.replace(path + ".tmp", path)
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
-            drawing = dict(across=across, positions=round(positions * n)) if kind == "t2i" else {}
+            drawing = dict(across=across, more={c: round(s * n) for c, s in more.items()}) if kind == "t2i" else {}
             world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours, **drawing), p["data"],
                                 f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
@@ -265,9 +269,10 @@ def train_cmd(stage, out, steps, batch, lr, warmup, data, save_every=100, device
     return cmd
 
 
-def train(stage, p, extra=(), quick=False, device="cpu"):
-    """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt)."""
-    steps, batch, lr, warmup = TRAIN[stage]
+def train(stage, p, extra=(), quick=False, device="cpu", steps=None):
+    """One train.py run in a subprocess (resumable: --resume continues from the run's ckpt.pt); steps: the recipe's
+    (TRAIN) unless given."""
+    steps, (_, batch, lr, warmup) = steps or TRAIN[stage][0], TRAIN[stage]
     if quick:
         steps, batch, warmup = QUICK["train_steps"], 4, 1
     out = p["base"] if stage == 0 else p["stage"][stage]
@@ -334,14 +339,29 @@ def main(argv=None):
     ap.add_argument("--across", type=float, default=DRAW_ACROSS,
                     help="how far apart (px) a t2i position picture's two objects may sit on the other axis "
                          "(pictures.ACROSS); 0 puts a left/right pair on one row")
-    ap.add_argument("--positions", type=float, default=POSITIONS,
-                    help="extra t2i position requests, as a share of the t2i records")
+    ap.add_argument("--more", action="append", default=[], metavar="CATEGORY=SHARE",
+                    help="extra t2i object requests of a GenEval category (position, counting, color_attr, ...), as a "
+                         "share of the t2i records; repeat for several")
+    ap.add_argument("--stage2-steps", type=int, default=TRAIN[2][0],
+                    help="stage 2's length (the recipe's batch and learning rate), e.g. longer beside --more")
     ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
                     help="share of t2i object requests that name no colour rewritten to name the colours drawn "
                          "(world.with_colours); 0 = the data of the model shipped before")
     args = ap.parse_args(argv)
-    if args.across < 0 or args.positions < 0:
-        ap.error("--across and --positions cannot be negative")
+    from .pictures import CATEGORIES
+    if args.across < 0:
+        ap.error("--across cannot be negative")
+    if args.stage2_steps < 2 * TRAIN[2][3]:
+        ap.error(f"--stage2-steps must be at least {2 * TRAIN[2][3]} (twice the warmup)")
+    more = {}
+    for m in args.more:
+        cat, _, share = m.partition("=")
+        try:
+            more[cat] = float(share)
+        except ValueError:
+            ap.error(f"--more wants CATEGORY=SHARE, as position=0.25, not {m!r}")
+        if cat not in CATEGORIES or more[cat] < 0:
+            ap.error(f"--more {m}: the category must be one of {', '.join(CATEGORIES)} and the share not negative")
     p = paths(args.data, args.runs, args.ship)
     if args.command == "prepare":
         if args.stage is None:
@@ -365,14 +385,15 @@ def main(argv=None):
         timings[name] = time.time() - t
 
     with prepared_once(p["data"]):
-        timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, positions=args.positions)
+        timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, more=more)
     timed("tokenizer", make_tokenizer, p, n)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local, device=args.device)
     with prepared_once(p["data"]):
         timed("codes", make_codes, p, p["vq_run"], args.device)
     for stage in (0, 1, 2, 3):
-        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick, device=args.device)
+        timed("base" if stage == 0 else f"stage{stage}", train, stage, p, quick=args.quick, device=args.device,
+              steps=args.stage2_steps if stage == 2 else None)
     timed("ship", ship, p)
     print("toy: done in " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 

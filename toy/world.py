@@ -329,32 +329,38 @@ def base_text_mixture(n, seed, refusals=0.5) -> list:
     return out
 
 
-def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, positions=0) -> list:
+def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, more=None) -> list:
     """n records of one type. split="train": training compositions and phrasings only; "heldout": evaluation
     prompts (held-out compositions where the type has objects to hold out, held-out phrasings). name_colours: the
     share of training t2i object requests that do not name colours rewritten to name the colours drawn (with_colours);
     0 (the data of the toy model shipped before pipeline.NAME_COLOURS) leaves every byte as it was. Training t2i
-    only: across sets pictures.ACROSS for its pictures (None: as it is), and positions more position requests are
-    mixed in (0: none)."""
+    only: across sets pictures.ACROSS for its pictures (None: as it is), and more ({GenEval category: count}) mixes
+    in that many more object requests of each category (None or {}: none)."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if kind == "ti2ti" and split == "train":
         raise ValueError("ti2ti is for evaluation only (the paper never trains it); use split='heldout' or ti2ti_set")
     if not 0.0 <= name_colours <= 1.0:
         raise ValueError(f"name_colours is a share in [0, 1], got {name_colours}")
+    more = {c: k for c, k in (more or {}).items() if k}
     drawing = kind == "t2i" and split == "train"
-    if not drawing and (across is not None or positions):
-        raise ValueError("across and positions are for training t2i records")
+    if not drawing and (across is not None or more):
+        raise ValueError("across and more are for training t2i records")
+    if set(more) - set(CATEGORIES):
+        raise ValueError(f"more asks for categories {sorted(set(more) - set(CATEGORIES))}, not among {CATEGORIES}")
     with pictures.across_at(across):
         rng = random.Random(f"{kind}/{split}/{seed}")
         out = [make_record(kind, rng, split, split, f"{kind}-{split}-{seed}-{i}") for i in range(n)]
-        more = random.Random(f"{kind}/{split}/{seed}/positions")  # its own stream: the records above stay as they were
-        out += [make_record(kind, more, rid=f"{kind}-{split}-{seed}-position-{i}", category="position")
-                for i in range(positions)]
+        # each category its own stream (the records above stay as they were), positions first: with_colours below
+        # draws along the list, so the records of data made with extra positions alone stay as they were too
+        for cat in sorted(more, key=lambda c: (c != "position", CATEGORIES.index(c))):
+            extra = random.Random(f"{kind}/{split}/{seed}/" + ("positions" if cat == "position" else f"more/{cat}"))
+            out += [make_record(kind, extra, rid=f"{kind}-{split}-{seed}-{cat}-{i}", category=cat)
+                    for i in range(more[cat])]
     if drawing and name_colours > 0:
         named = random.Random(f"name-colours/{seed}")  # its own stream: the records and pictures stay as they were
         out = [with_colours(r) if named.random() < name_colours else r for r in out]
-    if positions:
+    if more:
         random.Random(f"shuffle/{seed}").shuffle(out)
     return out
 
