@@ -466,6 +466,17 @@ def test_toy_command_reads_more_and_stage2_steps(tmp_path, monkeypatch, capsys):
             pipeline.main(bad + where)
         assert e.value.code == 2 and said in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "d").exists()
+    asked = []
+
+    def make_data(p, n, **kw):
+        asked.append(kw["more"])
+        raise SystemExit(0)
+    monkeypatch.setattr(pipeline, "make_data", make_data)
+    for more, recipe in (([], pipeline.MORE), (["--more", "counting=0.1"], {"counting": 0.1}),
+                         (["--more", "position=0"], {"position": 0.0})):
+        with pytest.raises(SystemExit):
+            pipeline.main(more + where)
+        assert asked.pop() == recipe  # no --more: the recipe's; any --more: only those
     ran = []
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
     p = pipeline.paths(*(str(tmp_path / k) for k in "drs"))

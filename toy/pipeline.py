@@ -342,7 +342,8 @@ def main(argv=None):
                          "(pictures.ACROSS); 0 puts a left/right pair on one row")
     ap.add_argument("--more", action="append", default=[], metavar="CATEGORY=SHARE",
                     help="extra t2i object requests of a GenEval category (position, counting, color_attr, ...), as a "
-                         "share of the t2i records; repeat for several")
+                         f"share of the t2i records; repeat for several. Given, it replaces the recipe's ({MORE}); "
+                         "position=0 asks for none")
     ap.add_argument("--stage2-steps", type=int, default=TRAIN[2][0],
                     help="stage 2's length (the recipe's batch and learning rate), e.g. longer beside --more")
     ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
@@ -354,7 +355,7 @@ def main(argv=None):
         ap.error("--across cannot be negative")
     if args.stage2_steps < 2 * TRAIN[2][3]:
         ap.error(f"--stage2-steps must be at least {2 * TRAIN[2][3]} (twice the warmup)")
-    more = {}
+    more = {} if args.more else MORE
     for m in args.more:
         cat, _, share = m.partition("=")
         try:
