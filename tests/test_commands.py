@@ -161,9 +161,9 @@ def lines(path):
     return Path(path).read_text().splitlines()
 
 
-def t2i_records(n=40):  # make_data's t2i records: n and the recipe's extra position requests
+def t2i_records(n=40):  # make_data's t2i records: n and the recipe's extra object requests
     from toy import pipeline
-    return n + round(n * pipeline.POSITIONS)
+    return n + sum(round(n * share) for share in pipeline.MORE.values())
 
 
 @pytest.mark.e2e
