@@ -485,3 +485,29 @@ def test_toy_command_reads_more_and_stage2_steps(tmp_path, monkeypatch, capsys):
     two, three = ran
     assert two[two.index("--steps") + 1] == "1600" and two[two.index("--snapshot-every") + 1] == "200"
     assert three[three.index("--steps") + 1] == str(pipeline.TRAIN[3][0])
+
+
+def test_toy_command_takes_a_shipped_base(tmp_path, monkeypatch):
+    """python -m toy --base-from toy: the runs start with the shipped tokenizer, VQGAN and base, byte for byte, so the
+    steps that would train them are skipped; a runs folder holding another base, or a folder with no base, stops
+    with one error line."""
+    from toy import pipeline
+    toy = os.path.join(pipeline.ROOT, "toy")
+    p = pipeline.paths(*(str(tmp_path / k) for k in "drs"))
+    pipeline.take_base(p, toy)
+    pipeline.take_base(p, toy)  # again: what is there is the same, nothing to do
+    for src, dst in (("base/model.safetensors", "r/base/model.safetensors"),
+                     ("vqgan/model.safetensors", "r/vqgan/model.safetensors"),
+                     ("base/tokenizer.json", "r/tokenizer/tokenizer.json")):
+        assert open(os.path.join(toy, src), "rb").read() == (tmp_path / dst).read_bytes()
+    ran = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    pipeline.make_tokenizer(p, {"t2t": 10})
+    pipeline.make_vqgan(p, steps=1)
+    pipeline.train(0, p)
+    assert ran == []  # nothing trained
+    (tmp_path / "r" / "vqgan" / "model.safetensors").write_bytes(b"another")
+    with pytest.raises(SystemExit, match="holds another model"):
+        pipeline.take_base(p, toy)
+    with pytest.raises(SystemExit, match="has no base/model.safetensors"):
+        pipeline.take_base(pipeline.paths(*(str(tmp_path / k) for k in "xyz")), str(tmp_path / "nothing"))

@@ -19,6 +19,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python -m toy --quick --ship /tmp/toy --data /tmp/toy_data --runs /tmp/toy_runs   # a 2-minute smoke run
   python -m toy --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
   python -m toy --more position=0.25 --stage2-steps 15000 --data D --runs R --ship S   # more of one request, longer
+  python -m toy --base-from toy --data D --runs R --ship S   # ARMOR again on the shipped base
   python -m toy.eval               # then: the measured table of the README
   python -m toy prepare --stage 2  # only the data a bare `python train.py --stage 2` reads (toy/stage2.args)
 
@@ -30,6 +31,7 @@ vqgan train_state.pt). Budgets below are sized for 2 CPU cores (see README for t
 import argparse
 import dataclasses
 import fcntl
+import filecmp
 import json
 import os
 import shutil
@@ -198,6 +200,29 @@ def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
+def take_base(p, shipped):
+    """Seed the runs with a shipped folder's tokenizer, VQGAN and base (its fp16 weights, as toy/ holds them), so the
+    steps that would train them find them made: only the data, codes and the WoHG stages run. This is the paper's
+    setting, an existing MLLM upgraded, and retrains ARMOR on the shipped base in a fraction of the recipe's time."""
+    base, vq = os.path.join(shipped, "base"), os.path.join(shipped, "vqgan")
+    # (what to copy, where it goes, the file in it that tells whether what is there already is the same)
+    parts = [(base, p["base"], "model.safetensors"), (vq, p["vq_run"], "model.safetensors"),
+             (os.path.join(base, "tokenizer.json"), os.path.join(p["tok"], "tokenizer.json"), None)]
+    key = lambda d, k: os.path.join(d, k) if k else d
+    for src, dst, k in parts:
+        if not os.path.isfile(key(src, k)):
+            raise SystemExit(f"error: --base-from {shipped} has no {os.path.relpath(key(src, k), shipped)}: pass a "
+                             f"folder that `python -m toy` shipped, such as toy")
+        if os.path.exists(dst) and not filecmp.cmp(key(src, k), key(dst, k), shallow=False):
+            raise SystemExit(f"error: {dst} holds another model than {src}: pass another --runs")
+    for src, dst, k in parts:
+        if not os.path.exists(dst):  # copied whole, then renamed: a killed copy is never taken for a model
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.rmtree(dst + ".tmp", ignore_errors=True)  # a copy killed before
+            (shutil.copytree if k else shutil.copyfile)(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
 def make_vqgan(p, steps=VQ_STEPS, batch=VQ_BATCH, locality=VQ_LOCALITY, cell_local=VQ_CELL_LOCAL, device="cpu"):
     """The toy VQGAN on fresh renders of the world (objects and scenes, training compositions only)."""
     import random
@@ -346,6 +371,9 @@ def main(argv=None):
                          "position=0 asks for none")
     ap.add_argument("--stage2-steps", type=int, default=TRAIN[2][0],
                     help="stage 2's length (the recipe's batch and learning rate), e.g. longer beside --more")
+    ap.add_argument("--base-from", metavar="SHIPPED",
+                    help="take the tokenizer, VQGAN and base of a shipped folder (e.g. toy) instead of training them: "
+                         "ARMOR's stages retrained on an existing base")
     ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
                     help="share of t2i object requests that name no colour rewritten to name the colours drawn "
                          "(world.with_colours); 0 = the data of the model shipped before")
@@ -377,6 +405,8 @@ def main(argv=None):
             for d in order[step]:
                 shutil.rmtree(d, ignore_errors=True)
     n = {k: QUICK["records"] for k in N_RECORDS} if args.quick else N_RECORDS
+    if args.base_from:
+        take_base(p, args.base_from)
     t0 = time.time()
     timings = {}
 
