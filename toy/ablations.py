@@ -86,10 +86,13 @@ def plot(curves, path, title, ylabel="loss", xlabel="step"):
     d.text((W // 2 - 20, H - 20), xlabel, fill="black")
     d.text((5, T - 25), ylabel, fill="black")
     d.text((L, 10), title, fill="black")
+    # the legend in the right-hand corner the curves end away from: top for falling losses, bottom for rising scores
+    ends_high = sum(c[-1][1] for c in curves.values()) / len(curves) > (y0 + y1) / 2
+    top = H - B - 10 - 16 * len(curves) if ends_high else T + 10
     for i, (label, c) in enumerate(curves.items()):
         col = COLOURS[i % len(COLOURS)]
         d.line([(sx(x), sy(y)) for x, y in c], fill=col, width=2)
-        d.text((W - R - 260, T + 10 + 16 * i), "-- " + label, fill=col)
+        d.text((W - R - 260, top + 16 * i), "-- " + label, fill=col)
     img.save(path)
 
 
