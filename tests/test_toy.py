@@ -4,6 +4,7 @@ runs end to end (at tiny budgets) into a temporary folder, followed by toy/eval.
 import json
 import re
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -290,6 +291,24 @@ def test_drawing_probe_data_asks_for_the_positions_its_pictures_show():
     half = probe.drawing_data(12, 0.5)
     cats = [(r["meta"]["image_spec"] or {}).get("category") for r in half["t2i"]]
     assert 6 <= cats.count("position") < 12 and len(half["t2i"]) == 12 and len(half["t2ti"]) == 4
+
+
+def test_heldout_probe_names_what_a_drawing_made_of_the_request():
+    """toy.probe heldout: rendered pictures, detected as toy.eval detects drawings, are sorted into the pair itself,
+    the shape in another colour, the colour on another shape, or neither; a count request into the count drawn."""
+    from toy import probe
+    rng = random.Random(0)
+    red_triangle = {"category": "colors", "include": [{"shape": "triangle", "count": 1, "colour": "red"}]}
+    for drawn, kind in (([("triangle", "red")], "pair"), ([("triangle", "orange")], "shape"),
+                        ([("circle", "red")], "colour"), ([("square", "blue")], "neither"),
+                        ([("circle", "red"), ("triangle", "red")], "pair"), ([], "neither")):
+        pic = pictures.Picture("objects", pictures.place(drawn, rng), pictures.random_background(rng))
+        assert probe.heldout_kind(red_triangle, pictures.detect(pictures.render(pic))) == kind, drawn
+    three = {"category": "counting", "include": [{"shape": "triangle", "count": 3}]}
+    for n in (2, 3, 4):
+        items = [("triangle", "green")] * n + [("circle", "blue")] * (n < 4)  # five do not fit the picture
+        pic = pictures.Picture("objects", pictures.place(items, rng), pictures.random_background(rng))
+        assert probe.heldout_kind(three, pictures.detect(pictures.render(pic))) == n
 
 
 def test_code_meanings_tell_a_code_per_cell_from_one_that_drops_colour():

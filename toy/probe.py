@@ -17,6 +17,11 @@ What the toy models carry and what they can learn, measured directly rather than
                                                    #   square"), their two objects at most --across px apart on the
                                                    #   other axis; GenEval-style overall, scenes, and how often each
                                                    #   relation and its opposite are drawn, before and after
+  python -m toy.probe heldout [--model toy/armor] [--n 20] [--seeds 1234 7 99]
+                                                   # what ARMOR draws when asked for a held-out composition: for a
+                                                   #   colour-shape pair never drawn in training, the pair itself, the
+                                                   #   shape in another colour, the colour on another shape, or
+                                                   #   neither; for a held-out count, the count it drew
   python -m toy.probe codes [--vqgan toy/vqgan] [--n 2000]
                                                    # what one VQ code says about its cell: how many codes carry the
                                                    #   object cells, and how many colours and cell kinds (colour,
@@ -280,6 +285,40 @@ def drawing_scores(model_dir, seed, n=20):
     return gen, scenes, rel
 
 
+def heldout_kind(spec, dets):
+    """What a drawing (its detections) made of a held-out request: a "colors" request gets "pair", "shape" (the shape
+    drawn, in another colour only), "colour" (the colour drawn, on another shape only) or "neither"; a "counting"
+    request gets the number of objects of its shape drawn."""
+    want = spec["include"][0]
+    if spec["category"] == "counting":
+        return sum(d.shape == want["shape"] for d in dets)
+    if any(d.shape == want["shape"] and d.colour == want["colour"] for d in dets):
+        return "pair"
+    return ("shape" if any(d.shape == want["shape"] for d in dets) else
+            "colour" if any(d.colour == want["colour"] for d in dets) else "neither")
+
+
+def heldout_drawings(model_dir, n, seeds):
+    """{(category, request): Counter(heldout_kind)} over the evaluation's held-out "colors" and "counting" prompts
+    (toy.eval's, n per category and seed) drawn by the ARMOR in model_dir."""
+    from collections import Counter, defaultdict
+    import sample
+    from . import eval as ev
+    model, tok, vq = sample.load(model_dir)
+    out = defaultdict(Counter)
+    for seed in seeds:
+        items = [it for it in world.geneval_prompts(n, seed, heldout=True) if it["category"] in ("colors", "counting")]
+        answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
+        for it, ans in zip(items, answers):
+            img = ev.first_image(vq, ans)
+            spec = it["spec"]
+            want = spec["include"][0]
+            request = f"{want['count']} {want['shape']}s" if spec["category"] == "counting" else \
+                f"{want['colour']} {want['shape']}"
+            out[(spec["category"], request)][heldout_kind(spec, pictures.detect(img) if img is not None else [])] += 1
+    return out
+
+
 def draw(steps, share, lr, seeds, across=None, n_train=6000):
     """Stage 2 continued from the shipped ARMOR on drawing_data at the recipe's batch; -> {model: [scores per seed]}."""
     import train
@@ -305,9 +344,9 @@ def draw(steps, share, lr, seeds, across=None, n_train=6000):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["tokens", "relation", "draw", "codes"])
+    ap.add_argument("which", choices=["tokens", "relation", "draw", "codes", "heldout"])
     ap.add_argument("--model", help="tokens: the base MLLM directory (default toy/base); relation: a base to ask "
-                    "instead of training one")
+                    "instead of training one; heldout: the ARMOR to ask (default toy/armor)")
     ap.add_argument("--steps", type=int, help="relation: stage-0 steps (default 400); draw: stage-2 steps (1500)")
     ap.add_argument("--layers", type=int, help="relation: LLM layers (default: the toy preset's)")
     ap.add_argument("--heads", type=int, help="relation: attention heads (default: the toy preset's)")
@@ -324,9 +363,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=pipeline.TRAIN[2][2], help="draw: stage-2 learning rate")
     ap.add_argument("--across", type=float, help="draw: how far apart (px) the position requests' two objects may "
                     "sit on the other axis (pictures.ACROSS, default 8; 0 puts a left/right pair on one row)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 7], help="draw: evaluation seeds")
+    ap.add_argument("--seeds", type=int, nargs="+", help="draw, heldout: evaluation seeds (default 1234 7; heldout: "
+                    "1234 7 99, the README table's)")
     ap.add_argument("--vqgan", help="codes: the VQGAN directory (default toy/vqgan)")
-    ap.add_argument("--n", type=int, default=2000, help="codes: object pictures to encode")
+    ap.add_argument("--n", type=int, help="codes: object pictures to encode (default 2000); heldout: prompts per "
+                    "category and seed (default 20, toy.eval's)")
     args = ap.parse_args(argv)
     if not 0 < args.share <= 1:
         sys.exit(f"error: --share is a share in (0, 1], got {args.share}")
@@ -337,6 +378,7 @@ def main(argv=None):
         return
     if args.which == "codes":
         vq_dir = args.vqgan or os.path.join(ROOT, "toy", "vqgan")
+        args.n = args.n or 2000
         m = code_meanings(vqgan_encoder(vq_dir), args.n)
         print(f"{vq_dir}, {args.n} object pictures: {m['codes']} codes carry every object cell, of {m['kinds']} cell "
               f"kinds (colour x shape x quarter, a square's quarters one kind); H(colour | code) "
@@ -344,7 +386,20 @@ def main(argv=None):
               f"one kind); cells of held-out colour-shape pairs whose code a training picture also has: "
               f"{m['heldout_reused']:.3f}")
         return
+    if args.which == "heldout":
+        model_dir = args.model or os.path.join(ROOT, "toy", "armor")
+        seeds = args.seeds or [1234, 7, 99]
+        for (category, request), kinds in sorted(heldout_drawings(model_dir, args.n or 20, seeds).items()):
+            if category == "counting":
+                said = "objects of its shape drawn: " + ", ".join(f"{k} in {v}" for k, v in sorted(kinds.items()))
+            else:
+                said = (f"the pair {kinds['pair']}, the shape in another colour {kinds['shape']}, the colour on "
+                        f"another shape {kinds['colour']}, neither {kinds['neither']}")
+            print(f"{category}, {request!r} ({sum(kinds.values())} requests, seeds {', '.join(map(str, seeds))}): "
+                  f"{said}")
+        return
     if args.which == "draw":
+        args.seeds = args.seeds or [1234, 7]
         for name, per_seed in draw(args.steps or 1500, args.share, args.lr, args.seeds, args.across).items():
             for seed, (gen, scenes, rel) in zip(args.seeds, per_seed):
                 right = sum(v[2] for v in rel.values()) / max(1, sum(v[0] for v in rel.values()))
