@@ -260,6 +260,16 @@ def drawing_data(n, share, seed=1, across=None):
 
 
 @torch.no_grad()
+def drawn(model, tok, vq, items, seed):
+    """The detections (pictures.detect) in the first picture of the model's answer to each item's prompt, at
+    sample.py's guidance; [] where it drew none."""
+    import sample
+    from . import eval as ev
+    answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
+    return [pictures.detect(img) if img is not None else [] for img in (ev.first_image(vq, a) for a in answers)]
+
+
+@torch.no_grad()
 def drawing_scores(model_dir, seed, n=20):
     """GenEval-style overall and scenes (toy.eval's), and {relation: [prompts, both objects drawn, relation holds,
     its opposite holds]} over the evaluation's position prompts: a model blind to the relation draws it and its
@@ -270,13 +280,10 @@ def drawing_scores(model_dir, seed, n=20):
     gen = ev.eval_generation(model, tok, vq, n, sample.DEFAULT_CFG, seed)
     scenes = ev.eval_scenes(model, tok, vq, max(1, n // 4), sample.DEFAULT_CFG, seed)
     items = [it for it in world.geneval_prompts(n * 4, seed) if it["category"] == "position"]
-    answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
     rel = {r: [0, 0, 0, 0] for r in pictures.RELATIONS}
-    for it, ans in zip(items, answers):
+    for it, dets in zip(items, drawn(model, tok, vq, items, seed)):
         spec, (a, b) = it["spec"], it["spec"]["include"]
         r = a["position"][0]
-        img = ev.first_image(vq, ans)
-        dets = pictures.detect(img) if img is not None else []
         flipped = {**spec, "include": [{**a, "position": [pictures.OPPOSITE[r], 1]}, b]}
         both = {**spec, "category": "two_object", "include": [{k: v for k, v in a.items() if k != "position"}, b]}
         for i, ok in enumerate((True, pictures.check(both, dets), pictures.check(spec, dets),
@@ -303,19 +310,15 @@ def heldout_drawings(model_dir, n, seeds):
     (toy.eval's, n per category and seed) drawn by the ARMOR in model_dir."""
     from collections import Counter, defaultdict
     import sample
-    from . import eval as ev
     model, tok, vq = sample.load(model_dir)
     out = defaultdict(Counter)
     for seed in seeds:
         items = [it for it in world.geneval_prompts(n, seed, heldout=True) if it["category"] in ("colors", "counting")]
-        answers = ev.answer_all(model, tok, [it["prompt"] for it in items], cfg=sample.DEFAULT_CFG, seed=seed)
-        for it, ans in zip(items, answers):
-            img = ev.first_image(vq, ans)
-            spec = it["spec"]
-            want = spec["include"][0]
+        for it, dets in zip(items, drawn(model, tok, vq, items, seed)):
+            spec, want = it["spec"], it["spec"]["include"][0]
             request = f"{want['count']} {want['shape']}s" if spec["category"] == "counting" else \
                 f"{want['colour']} {want['shape']}"
-            out[(spec["category"], request)][heldout_kind(spec, pictures.detect(img) if img is not None else [])] += 1
+            out[(spec["category"], request)][heldout_kind(spec, dets)] += 1
     return out
 
 
