@@ -768,9 +768,10 @@ def init_weights(module, std=0.02):
         elif isinstance(m, VisionLayer):
             m.ls1.fill_(1.0)
             m.ls2.fill_(1.0)
-        elif isinstance(m, VisionEmbeddings):
-            nn.init.normal_(m.class_embedding, std=std)
-            nn.init.normal_(m.position_embedding, std=std)
+        elif isinstance(m, VisionEmbeddings):  # unit scale, as InternVisionEmbeddings draws them (torch.randn):
+            # at std 0.02 the patch content drowns the position, and a toy base never learns left from right
+            nn.init.normal_(m.class_embedding, std=1.0)
+            nn.init.normal_(m.position_embedding, std=1.0)
 
 
 @torch.no_grad()

@@ -250,10 +250,10 @@ def test_eval_sets_and_scorers():
         assert world.score_answer(item["spec"], item["answer"]) and "<image>" in item["prompt"]
         dets = pictures.detect(item["image"])
         assert not pictures.train_ok([pictures.Obj(d.shape, d.colour, d.cx, d.cy, 0) for d in dets])
-    # eval.py's per-kind row covers every question kind, yes/no split by what it asks about
+    # eval.py's per-kind row covers every question kind
     from toy.eval import question_kind
     assert {question_kind(it["spec"]) for it in world.understanding_set(200, seed=0)} == {
-        "colour", "shape", "count", "describe", "scene", "scene yes/no", "position yes/no"}
+        "colour", "shape", "count", "describe", "scene", "scene yes/no", "position"}
     # the unseen-phrasing prompts: every one in a held-out template, none in a training one, the same categories
     unseen, templates = world.geneval_prompts(4, seed=0, phrasing="unseen"), _heldout_template_patterns()
     assert Counter(p["category"] for p in unseen) == {c: 4 for c in pictures.CATEGORIES}
@@ -273,6 +273,10 @@ def test_eval_sets_and_scorers():
     assert not world.score_answer({"kind": "shape", "answer": "square"}, "The circle is red.")
     assert not world.score_answer({"kind": "scene", "answer": "summer"}, "This is a winter landscape.")
     assert not world.score_answer({"kind": "yesno", "answer": "no", "scene": "cookies"}, "Yes, athletes.")
+    above = {"kind": "relation", "answer": "circle is above the square"}
+    assert world.score_answer(above, "The circle is above the square.")
+    assert not world.score_answer(above, "The circle is below the square.")
+    assert not world.score_answer(above, "The circle is above the square, or below it.")
     for name, sc in SCENES.items():  # every scene's own texts name it and no other scene
         for text in (sc.name, sc.description) + tuple(a for _, a in sc.questions):
             assert world.score_answer({"kind": "scene", "answer": name}, text), (name, text)
@@ -388,16 +392,20 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     with pytest.raises(SystemExit, match="another --data"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
     assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {
-        "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "more": pipeline.MORE}
-    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')  # written before across and more
-    with pytest.raises(SystemExit, match="'across': 8, 'more': {}"):
+        "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "more": pipeline.MORE,
+        "where": pipeline.WHERE}
+    with pytest.raises(SystemExit, match="another --data"):  # nor data without the extra position questions
+        pipeline.make_data(p, {k: 2 for k in TYPES}, where=0.0)
+    # written before across, more and where
+    (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')
+    with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, across=0)
-    pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, more={})  # that recipe: reused
+    pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, more={}, where=0.0)  # that recipe: reused
     # written when only positions could be asked for more often: read as more={"position": ...}
     (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5, "across": 0, "positions": 0.25}')
-    pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25})
+    pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25}, where=0.0)
     with pytest.raises(SystemExit, match="another --data"):
-        pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25, "counting": 0.1})
+        pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25, "counting": 0.1}, where=0.0)
 
 
 def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positions():
@@ -436,6 +444,30 @@ def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positio
                                                           for r in counts)
     with pytest.raises(ValueError, match="not among"):
         world.make_mixture("t2i", 5, 3, more={"positions": 2})
+
+
+def test_extra_position_questions_answer_what_the_picture_shows(tmp_path):
+    """The base's ti2t set: the mixture's records as they were, then `where` extra open position questions per
+    record, each answered with the relation its picture holds (and not the opposite one), asked in training
+    phrasings only."""
+    from toy import pipeline
+    keys = {v: k for k, v in pictures.RELATIONS.items()}
+    p = pipeline.paths(str(tmp_path / "data"), str(tmp_path / "runs"), str(tmp_path / "ship"))
+    pipeline.make_data(p, {"ti2t": 20}, base_text=False, where=1.5)
+    recs = [json.loads(line) for line in (tmp_path / "data" / "ti2t_train.jsonl").read_text().splitlines()]
+    assert [r["conversations"] for r in recs[:20]] == [r["conversations"] for r in world.make_mixture("ti2t", 20, 0)]
+    extra, templates = recs[20:], _heldout_template_patterns()
+    assert len(extra) == 30
+    for r in extra:
+        q, a = (c["value"] for c in r["conversations"])
+        assert q.startswith("<image>\nWhere is the ") and not any(t.match(q[8:]) for t in templates)
+        spec = r["meta"]["answer_spec"]
+        assert spec["kind"] == "relation" and world.score_answer(spec, a)
+        s1, rest = spec["answer"].split(" is ", 1)
+        rel, s2 = next((keys[v], rest[len(v) + 5:]) for v in keys if rest.startswith(v + " the "))
+        dets = {d.shape: d for d in pictures.detect(Image.open(tmp_path / "data" / r["image"][0]))}
+        assert pictures.relation_holds(dets[s1], dets[s2], rel), a
+        assert not pictures.relation_holds(dets[s2], dets[s1], rel), a
 
 
 def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):

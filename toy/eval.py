@@ -190,10 +190,8 @@ def base_answers(model, tok, prompts, images, max_new_tokens=40, batch=64):
 
 
 def question_kind(spec):
-    """The ti2t question's kind for the per-kind row: yes/no questions split into scene and position ones."""
-    if spec["kind"] == "yesno":
-        return "scene yes/no" if "scene" in spec else "position yes/no"
-    return spec["kind"]
+    """The ti2t question's kind for the per-kind row."""
+    return {"yesno": "scene yes/no", "relation": "position"}.get(spec["kind"], spec["kind"])
 
 
 def eval_understanding(model, tok, items, is_base=False, by_kind=False):

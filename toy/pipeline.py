@@ -34,6 +34,7 @@ import fcntl
 import filecmp
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -69,13 +70,18 @@ NAME_COLOURS = 0.5
 # their passes; more positions alone reached the position target and lost colour binding (docs/toy_history.md)
 DRAW_ACROSS = 0
 MORE = {"position": 0.25, "counting": 0.15, "color_attr": 0.15}
+# extra ti2t records per ti2t record, each an open question about where one object is compared to another: the
+# direction of a relation is the last thing a base learns to read (python -m toy.probe relation: the axis at once,
+# which way round only after about 3,000 steps of nothing else), so the base sees about 100,000 of them in 8,000
+# steps; its other question kinds keep the number of examples they had at 4,000 steps without them
+WHERE = 1.0
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
 # which a mean over the picture gives, were learnt), and at 3e-4 it reads them within 300 steps
 # (tests/test_toy.py::test_base_learns_to_read_shapes). Stage 2's 24,000 steps: GenEval-style rose with its length up
-# to about 15,000 steps and little after (figures/scaling.md)
-TRAIN = {0: (4000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (24000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
+# to about 21,000 steps and not after (figures/scaling.md)
+TRAIN = {0: (8000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (24000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
 # train.py --mix per stage where it is not the stage's own (data.STAGE_MIX): the base reads three pictures for every
 # text record, since what it must learn about pictures (binding colours, counts and places to objects) is the slow part
 MIX = {0: "t2t=1,ti2t=3"}
@@ -152,17 +158,19 @@ def prepared_once(folder):
 # the steps
 
 
-def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, more=MORE, base_text=True):
+def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, more=MORE, where=WHERE,
+              base_text=True):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"];
     name_colours and across are world.make_mixture's for the t2i records, more ({category: share}) its extra object
-    requests as a share of them."""
+    requests as a share of them; the ti2t set with `where` extra open position questions per record."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
     more = {c: s for c, s in sorted(more.items()) if s}
-    recipe = {"name_colours": name_colours, "across": across, "more": more}
+    recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where}
     path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
-    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}}  # what data made before a setting was recorded had
+    # what data made before a setting was recorded had
+    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}, "where": 0.0}
     if os.path.exists(path):
         with open(path) as f:
             before = {**unrecorded, **json.load(f)}
@@ -180,8 +188,12 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
             drawing = dict(across=across, more={c: round(s * n) for c, s in more.items()}) if kind == "t2i" else {}
-            world.write_dataset(world.make_mixture(kind, n, seed, "train", name_colours, **drawing), p["data"],
-                                f"{kind}_train")
+            records = world.make_mixture(kind, n, seed, "train", name_colours, **drawing)
+            if kind == "ti2t" and where:
+                rng = random.Random(f"ti2t-where/{seed}")  # its own stream: the mixture's records stay as they were
+                records += [world.make_record("ti2t", rng, rid=f"ti2t-where-{seed}-{i}", category="where")
+                            for i in range(round(n * where))]
+            world.write_dataset(records, p["data"], f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")

@@ -4,7 +4,7 @@ What the toy models carry and what they can learn, measured directly rather than
   python -m toy.probe tokens [--model toy/base]    # a linear probe: does each visual token say where in the picture
                                                    #   it is (its 4x4 grid cell)? held-out accuracy; chance 1/16
   python -m toy.probe relation [--steps 400] [--layers 4] [--heads 4] [--by shape|colour] [--form open|yesno|sides]
-                               [--pos-std 0.02]
+                               [--pos-std 1]
                                                    # a base trained from scratch (stage 0) on one task only: "Where
                                                    #   is the circle compared to the square?"; held-out accuracy of
                                                    #   the relation it names (four relations: chance 0.25), and of
@@ -99,8 +99,8 @@ SIDES = {"left of": ("on the left", "on the right"), "right of": ("on the right"
 def relation_questions(n, seed, by="shape", form="open"):
     """Two objects of different shapes and colours, one clearly <relation> the other; asked where the first is,
     naming the objects by shape ("the circle") or by colour ("the red object"). form="yesno" asks as the base's
-    training set does ("Is the circle above the square?", the asked relation or its opposite, each half the time),
-    answered "The circle is below the square, so no.": the relation first.
+    training set did before it asked open questions ("Is the circle above the square?", the asked relation or its
+    opposite, each half the time), answered "The circle is below the square, so no.": the relation first.
     form="sides" asks the open question and answers with each object's side first ("The circle is on the left and
     the square on the right, so the circle is to the left of the square.")."""
     rng, out = random.Random(seed), []
@@ -128,12 +128,13 @@ def relation_questions(n, seed, by="shape", form="open"):
 def relation(steps, layers, heads, kv_heads, pos_std=None, by="shape", form="open", n_train=4000, n_test=200):
     """Stage 0 from scratch on relation questions only, at the base recipe's batch and learning rate, with the toy
     LLM's depth and heads overridden, and the ViT's class and position embeddings drawn at pos_std (default
-    armor.init_weights' 0.02; InternViT's own init is torch.randn, 1.0); -> ask_relations' (scores, examples)."""
+    armor.init_weights' 1.0, InternViT's own torch.randn; 0.02 was the toy base's before); -> ask_relations' (scores,
+    examples)."""
     import armor
     import train
     from tokenizer import Tokenizer
     variant = ("" if by == "shape" else f"_{by}") + ("" if form == "open" else f"_{form}")
-    name = f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + (f"_pos{pos_std:g}" if pos_std else "") + variant
+    name = f"relation_l{layers}_h{heads}_kv{kv_heads}_s{steps}" + f"_pos{pos_std or 1:g}" + variant
     out = os.path.join(OUT, name)
     data = os.path.join(OUT, "relation_data" + variant)
     if not os.path.exists(os.path.join(data, "ti2t.jsonl")):
@@ -358,9 +359,9 @@ def main(argv=None):
                     help="relation: name the two objects by shape (\"the circle\") or colour (\"the red object\")")
     ap.add_argument("--form", choices=["open", "yesno", "sides"], default="open",
                     help="relation: ask where the first object is, or yes/no about a relation (as the base's data "
-                    "do), or where, answered with each object's side first")
+                    "did), or where, answered with each object's side first")
     ap.add_argument("--pos-std", type=float, help="relation: init scale of the ViT's class and position embeddings "
-                    "(default 0.02, armor.init_weights'; InternViT's own is 1)")
+                    "(default 1: armor.init_weights', InternViT's own)")
     ap.add_argument("--share", type=float, default=1.0, help="draw: share of position requests in the t2i data "
                     "(1: nothing else; below 1, the recipe's t2i and t2ti records fill the rest)")
     ap.add_argument("--lr", type=float, default=pipeline.TRAIN[2][2], help="draw: stage-2 learning rate")
@@ -429,7 +430,7 @@ def main(argv=None):
         sys.exit(f"error: {heads} heads need a key/value head count dividing them and dividing {llm.hidden_size}")
     acc, examples = relation(args.steps, layers, heads, kv, args.pos_std, args.by, args.form)
     print(f"relation questions, {layers} layers x {heads} heads ({kv} kv), ViT position init std "
-          f"{args.pos_std or 0.02:g}, objects named by {args.by}, {args.form} questions, {args.steps} steps: "
+          f"{args.pos_std or 1:g}, objects named by {args.by}, {args.form} questions, {args.steps} steps: "
           f"{_relation_figures(acc, examples)}")
 
 

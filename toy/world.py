@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from . import pictures
 from .pictures import (CATEGORIES, colour_for, COLOURS, describe, HELDOUT_CATEGORIES, HELDOUT_COLOUR_SHAPE,
-                      HELDOUT_COUNT_SHAPE, NUMBERS, OPPOSITE, phrase, Picture, place, random_background,
+                      HELDOUT_COUNT_SHAPE, NUMBERS, phrase, Picture, place, random_background,
                       random_objects, RELATIONS, render, sample_spec, scene_picture, SCENES, score_image, SHAPES,
                       spec_picture, TRAIN_PAIRS)
 
@@ -70,7 +70,8 @@ TEMPLATES = {
     "q_total": (["How many objects are there?", "How many shapes are in the picture?"],
                 ["Count all the shapes you see."]),
     "q_which": (["Which shape is {}?", "What shape is the {} object?"], ["Name the {} shape."]),
-    "q_where": (["Is the {} {} the {}?"], ["Would you say the {} is {} the {}?"]),
+    "q_where": (["Where is the {} compared to the {}?", "Where is the {} relative to the {}?"],
+                ["How is the {} placed next to the {}?"]),
     "q_scene": (["What scene is this?", "What does this picture show?", "Where was this picture taken?"],
                 ["What am I looking at?"]),
     "q_about": (["What is this photo about?", "Describe the image.", "Describe this picture in detail."],
@@ -168,11 +169,11 @@ def _scene_ti2t(rng, tpl):
     return pic, q, a, {"kind": "yesno", "answer": "yes" if yes else "no", "scene": name}
 
 
-def _objects_ti2t(rng, comp, tpl):
+def _objects_ti2t(rng, comp, tpl, kind=None):
     """A question about an objects picture; with comp="heldout" the picture holds a held-out composition and the
-    question asks about exactly that."""
-    kind = rng.choice(["colour", "which", "count"] if comp == "heldout" else
-                      ["colour", "which", "count", "total", "where", "describe"])
+    question asks about exactly that. kind: that kind of question instead of a random one."""
+    kind = kind or rng.choice(["colour", "which", "count"] if comp == "heldout" else
+                              ["colour", "which", "count", "total", "where", "describe"])
     if kind in ("colour", "which"):
         c, s = rng.choice(HELDOUT_COLOUR_SHAPE if comp == "heldout" else TRAIN_PAIRS)
         pic = _target_picture(rng, (c, s))
@@ -197,10 +198,11 @@ def _objects_ti2t(rng, comp, tpl):
         items = [(t, colour_for(rng, t)) for t in [a, b] + third]
         rel = rng.choice(list(RELATIONS))
         pic = Picture("objects", place(items, rng, rel), random_background(rng))
-        yes = rng.random() < 0.5
-        q = _pick(rng, "q_where", tpl).format(a, RELATIONS[rel if yes else OPPOSITE[rel]], b)
-        ans = f"The {a} is {RELATIONS[rel]} the {b}, so {'yes' if yes else 'no'}."  # seen first, then judged
-        return pic, q, ans, {"kind": "yesno", "answer": "yes" if yes else "no"}
+        # asked open, not yes/no ("Is the circle above the square?"): with the relation named in the question, a
+        # toy base learnt to restate it and never which way round the objects were (python -m toy.probe relation
+        # --form yesno)
+        q, ans = _pick(rng, "q_where", tpl).format(a, b), f"The {a} is {RELATIONS[rel]} the {b}."
+        return pic, q, ans, {"kind": "relation", "answer": f"{a} is {RELATIONS[rel]} the {b}"}
     pic = random_objects(rng)
     if kind == "total":
         n = len(pic.objects)
@@ -212,8 +214,9 @@ def _objects_ti2t(rng, comp, tpl):
 
 def make_record(kind, rng, compositions="train", templates="train", rid="0", category=None) -> dict:
     """One conversation record. compositions="heldout": objects in it come from the held-out compositions (where
-    the type allows); templates="heldout": the request is phrased with held-out templates only. category (t2i
-    only): always an object request of that GenEval category (toy/probe.py's data), not a scene half the time."""
+    the type allows); templates="heldout": the request is phrased with held-out templates only. category: for t2i,
+    always an object request of that GenEval category (toy/probe.py's data), not a scene half the time; for ti2t,
+    always a question of that kind about an objects picture ("where": the base's extra position questions)."""
     comp, tpl = compositions, templates
     images, out, answer_spec, image_spec = [], [], None, None
     if kind == "t2t":
@@ -231,6 +234,9 @@ def make_record(kind, rng, compositions="train", templates="train", rid="0", cat
             else:
                 human, gpt = _request(rng, "describe", tpl).format(rng.choice((sc.name,) + sc.phrases)), sc.description
             answer_spec = {"kind": "scene", "answer": name}
+    elif kind == "ti2t" and category:
+        pic, q, gpt, answer_spec = _objects_ti2t(rng, comp, tpl, category)
+        images, human = [pic], f"<image>\n{q}"
     elif kind == "ti2t":
         pic, q, gpt, answer_spec = (_scene_ti2t(rng, tpl) if comp == "train" and rng.random() < 0.4
                                     else _objects_ti2t(rng, comp, tpl))
@@ -447,6 +453,8 @@ def score_answer(spec, text) -> bool:
         return _has_scene(t, ans) and not any(_has_scene(t, n) for n in SCENES if n != ans)
     if kind == "describe":
         return all(p in t for p in ans)
+    if kind == "relation":  # the relation asked about, and no other one
+        return ans in t and sum(bool(re.search(rf"\b{r}\b", t)) for r in RELATIONS.values()) == 1
     raise ValueError(f"unknown answer spec kind {kind!r}")
 
 
