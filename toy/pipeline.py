@@ -78,7 +78,7 @@ WHERE = 1.0
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
-# which a mean over the picture gives, were learnt), and at 3e-4 it reads them within 300 steps
+# which a mean over the picture gives, were learnt), and at 3e-4 it reads them within 500 steps
 # (tests/test_toy.py::test_base_learns_to_read_shapes). Stage 2's 24,000 steps: GenEval-style rose with its length up
 # to about 21,000 steps and not after (figures/scaling.md)
 TRAIN = {0: (8000, 32, 3e-4, 40), 1: (250, 32, 1e-3, 25), 2: (24000, 8, 1e-3, 100), 3: (150, 32, 3e-4, 15)}
