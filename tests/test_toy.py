@@ -180,7 +180,7 @@ def test_base_learns_to_read_shapes(tmp_path):
     single-object shape questions answer held-out ones right. At the 2e-3 the base once trained with, the shape
     word's loss stayed at ln 3 (chance) on this task for 400 steps, and the base answered shape questions no better
     than by guessing: colours, which a mean over the picture gives, were all it read. (With the ViT's position
-    embeddings at unit scale, armor.init_weights', shapes come later than at 0.02: about half right at 350 steps.)"""
+    embeddings at unit scale, armor.init_weights', shapes come later than at 0.02, where 250 steps did.)"""
     import train
     from tokenizer import Tokenizer
     from toy import eval as ev
