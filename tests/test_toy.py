@@ -243,6 +243,20 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert json.loads((stage3 / "config.json").read_text())["vqgan"] == str(vq)
     p = run("-m", "toy.eval", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
     assert p.returncode == 0 and "held-out compositions" in (tmp_path / "run.md").read_text(), p.stderr[-3000:]
+    # the upper-bound arm on this run: one stage from its base with every weight trainable, for as many examples as
+    # stages 1-3 saw together, scored beside its WoHG model (stage 3), whose LLM stayed the base's
+    p = run("-m", "toy.ablations", "upper-bound", "--run", tmp_path / "runs", "--n", "1", "--seeds", "1",
+            "--figures", tmp_path / "fig")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    arm = tmp_path / "runs" / "upper_bound_runs_12"  # 3 stages x 4 steps x batch 4 = 48 examples, at batch 4
+    table = (tmp_path / "fig" / "upper_bound.md").read_text()
+    assert "48 examples" in table and "| WoHG" in table and "| one stage, everything trainable" in table
+    base = armor.from_internvl(str(tmp_path / "runs" / "base"), armor=False, verbose=False)
+    key = "model.layers.0.mlp.down_proj.weight"
+    w0 = dict(base.language_model.named_parameters())[key]
+    for d, trained in ((stage3, False), (arm, True)):
+        w = dict(armor.from_pretrained(str(d), verbose=False).language_model.named_parameters())[key]
+        assert (not torch.equal(w, w0)) == trained, d
 
 
 # --- toy/probe.py ----------------------------------------------------------------------------------------------------

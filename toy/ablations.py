@@ -8,9 +8,9 @@ The paper's ablations, re-run in the toy world. One command each; each writes a 
   python -m toy.ablations single-stage  # Tables 4-5: one stage training everything (alpha = beta = 1) vs WoHG's
                                         #   three stages, same total steps -> single_stage.md (understanding kept)
   python -m toy.ablations all --steps 600
-  python -m toy.ablations upper-bound --run runs/toy   # Tables 4-5 at full scale: one stage, everything
-                                        #   trainable, on a `python -m toy` run's base and data for as many examples
-                                        #   as its stages 1-3 together, beside its WoHG model -> figures/upper_bound.md
+  python -m toy.ablations upper-bound   # Tables 4-5 at full scale: one stage, everything trainable, on the shipped
+                                        #   base and data (or a run's: --run runs/toy) for as many examples as stages
+                                        #   1-3 together, beside the WoHG model -> figures/upper_bound.md
   python -m toy.ablations scaling --run runs/toy/stage2   # GenEval-style in both phrasings against stage-2
                                         #   compute, from the run's snapshots -> figures/scaling.png + .md
 
@@ -229,29 +229,44 @@ def scaling(run_dir, n, seeds, out_dir):
 
 
 def upper_bound(pipe_dir, n, seeds, out_dir):
-    """What ARMOR's freezing costs and buys (the paper's Tables 4-5 trade-off) at full scale: one stage from a
-    pipeline run's base with every weight trainable and alpha = beta = 1 on all four conversation types, on the same
-    data and for as many examples as that run's stages 1-3 saw together, at its stage 2's batch and learning rate;
-    scored beside the run's WoHG model (its stage 3) by eval.py's measures, averaged over seeds."""
+    """What ARMOR's freezing costs and buys (the paper's Tables 4-5 trade-off) at full scale: one stage from the base
+    with every weight trainable and alpha = beta = 1 on all four conversation types, on the same data and for as many
+    examples as stages 1-3 saw together, at stage 2's batch and learning rate; scored beside the WoHG model (stage 3)
+    by eval.py's measures, averaged over seeds. pipe_dir: the shipped toy world (toy/: base, armor, vqgan; the recipe
+    is pipeline.TRAIN) or a `python -m toy` run (runs/toy: base, stage1-3, vqgan; the recipe is in its checkpoints)."""
     import torch
     from . import eval as ev
     from . import world
     import armor
     import sample
-    ck = {s: torch.load(os.path.join(pipe_dir, f"stage{s}", "ckpt.pt"), map_location="cpu", weights_only=False)
-          for s in (1, 2, 3)}
-    examples = sum(ck[s]["args"]["steps"] * ck[s]["global_batch"] for s in ck)
-    a2, a3 = ck[2]["args"], ck[3]["args"]
-    steps = examples // ck[2]["global_batch"]
-    out = os.path.join(OUT, f"upper_bound_{os.path.basename(os.path.abspath(pipe_dir))}_{steps}")
+    p = pipeline.paths()
+    shipped = os.path.exists(os.path.join(pipe_dir, "armor", "config.json"))
+    wohg = os.path.join(pipe_dir, "armor" if shipped else "stage3")
+    if shipped:  # the recipe it was made with, and its data, made here as for the other arms
+        recipe = {s: pipeline.TRAIN[s] for s in (1, 2, 3)}
+        examples = sum(steps * batch for steps, batch, _, _ in recipe.values())
+        _, batch, lr, warmup = recipe[2]
+        data, codes = pipeline._data_args(p, 3), p["codes"]
+        pipeline.make_data(p, pipeline.N_RECORDS)
+        pipeline.make_codes(p, os.path.join(pipe_dir, "vqgan"))
+    else:
+        ck = {s: torch.load(os.path.join(pipe_dir, f"stage{s}", "ckpt.pt"), map_location="cpu", weights_only=False)
+              for s in (1, 2, 3)}
+        examples = sum(ck[s]["args"]["steps"] * ck[s]["global_batch"] for s in ck)
+        batch, lr, warmup = ck[2]["global_batch"], ck[2]["args"]["lr"], ck[2]["args"]["warmup"]
+        data, codes = ck[3]["args"]["data"], ck[3]["args"]["codes"]
+    steps = examples // batch
+    # the arm's run: beside the run it is compared with, or for the shipped world with the other arms
+    name = f"upper_bound_{os.path.basename(os.path.abspath(pipe_dir))}_{steps}"
+    out = os.path.join(OUT if shipped else pipe_dir, name)
     if not os.path.exists(os.path.join(out, "model.safetensors")):
-        cmd = pipeline.train_cmd(3, out, steps, a2["batch_size"], a2["lr"], a2["warmup"], a3["data"], save_every=250)
-        cmd += ["--codes", a3["codes"], "--base", os.path.join(pipe_dir, "base"), "--train", "all"]
+        cmd = pipeline.train_cmd(3, out, steps, batch, lr, warmup, data, save_every=250)
+        cmd += ["--codes", codes, "--base", os.path.join(pipe_dir, "base"), "--train", "all"]
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     vq_dir = os.path.join(pipe_dir, "vqgan")
     base = armor.from_internvl(os.path.join(pipe_dir, "base"), armor=False, verbose=False).eval()
-    arms = {"WoHG: stages 1-3, the base frozen": os.path.join(pipe_dir, "stage3"),
+    arms = {"WoHG: stages 1-3, the base frozen": wohg,
             "one stage, everything trainable, alpha = beta = 1": out}
     keys = ["overall", "unseen", "color_attr", "position", "counting", "held-out", "scenes", "ti2t", "kept",
             "modality"]
@@ -259,7 +274,7 @@ def upper_bound(pipe_dir, n, seeds, out_dir):
     u0 = 0.0
     for seed in seeds:
         items = world.understanding_set(5 * n, seed)
-        tok = sample.load(os.path.join(pipe_dir, "stage3"), vqgan=vq_dir)[1]
+        tok = sample.load(wohg, vqgan=vq_dir)[1]
         b = ev.eval_understanding(base, tok, items, is_base=True)
         u0 += b / len(seeds)
         for label, d in arms.items():
@@ -277,9 +292,10 @@ def upper_bound(pipe_dir, n, seeds, out_dir):
             print(f"seed {seed} | {label} | " + " | ".join(f"{k} {v:.3f}" for k, v in got.items()), flush=True)
             for k in keys:
                 score[label][k] += got[k] / len(seeds)
+    run_arg = "" if pipe_dir == pipeline.SHIP else f" --run {os.path.relpath(pipe_dir, ROOT)}"
     rows = [f"Mean of seeds {', '.join(map(str, seeds))}, {n} prompts per GenEval category, {5 * n} ti2t questions "
             f"per seed. Both start from {os.path.relpath(pipe_dir, ROOT)}/base and train on the same data for "
-            f"{examples:,} examples (`python -m toy.ablations upper-bound --run {os.path.relpath(pipe_dir, ROOT)}`). "
+            f"{examples:,} examples (`python -m toy.ablations upper-bound{run_arg}`). "
             f"The base answers {u0:.3f} of the ti2t questions.", "",
             "| training | GenEval-style overall | unseen phrasings | colour attribution | position | counting | "
             "held-out compositions | scenes | ti2t accuracy | Und. (kept of the base) | response modality |",
@@ -296,7 +312,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["switching", "embeddings", "single-stage", "all", "scaling", "upper-bound"])
     ap.add_argument("--run", help="scaling: the stage-2 run whose snapshots are scored (runs/toy/stage2); "
-                                  "upper-bound: the pipeline run to compare with (runs/toy)")
+                                  "upper-bound: the toy world to compare with (default the shipped toy/; "
+                                  "or a `python -m toy` run, as runs/toy)")
     ap.add_argument("--seeds", default="1234,7,99", help="scaling, upper-bound: evaluation seeds")
     ap.add_argument("--figures", default=os.path.join(ROOT, "figures"),
                     help="scaling, upper-bound: where the figure / table goes")
@@ -310,11 +327,14 @@ def main(argv=None):
             sys.exit(f"error: {run_dir} holds no train.py run (no ckpt.pt)")
         return scaling(run_dir, args.n, seeds, args.figures)
     if args.which == "upper-bound":
-        pipe_dir = args.run or os.path.join(ROOT, "runs", "toy")
-        missing = [d for d in ("base", "vqgan", "stage1/ckpt.pt", "stage2/ckpt.pt", "stage3/model.safetensors")
-                   if not os.path.exists(os.path.join(pipe_dir, d))]
+        pipe_dir = args.run or pipeline.SHIP
+        shipped = os.path.exists(os.path.join(pipe_dir, "armor", "config.json"))
+        need = ("base", "vqgan") + (() if shipped else
+                                    ("stage1/ckpt.pt", "stage2/ckpt.pt", "stage3/model.safetensors"))
+        missing = [d for d in need if not os.path.exists(os.path.join(pipe_dir, d))]
         if missing:
-            sys.exit(f"error: {pipe_dir} is not a finished `python -m toy` run (missing {', '.join(missing)})")
+            sys.exit(f"error: {pipe_dir} is neither the shipped toy world nor a finished `python -m toy` run "
+                     f"(missing {', '.join(missing)})")
         return upper_bound(pipe_dir, args.n, seeds, args.figures)
     if not os.path.exists(os.path.join(pipeline.SHIP, "armor", "config.json")):
         sys.exit(f"error: the shipped toy world is missing from {pipeline.SHIP}; run `python -m toy` first")
