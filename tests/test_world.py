@@ -259,6 +259,13 @@ def test_eval_sets_and_scorers():
     assert Counter(p["category"] for p in unseen) == {c: 4 for c in pictures.CATEGORIES}
     assert all(any(t.match(p["prompt"]) for t in templates) for p in unseen)
     assert not any(any(t.match(p["prompt"]) for t in templates) for p in prompts)
+    # the understanding questions in unseen phrasings: every one held out, every question kind, answers still right
+    und = world.understanding_set(200, seed=0, phrasing="unseen")
+    assert all(any(t.match(it["question"]) for t in templates) for it in und)
+    assert not any(any(t.match(it["question"]) for t in templates) for it in world.understanding_set(200, seed=0))
+    assert {question_kind(it["spec"]) for it in und} == {
+        "colour", "shape", "count", "describe", "scene", "scene yes/no", "position"}
+    assert all(world.score_answer(it["spec"], it["answer"]) for it in und)
     mod = world.modality_set(5, seed=0)
     assert Counter(m["expected"] for m in mod) == {"text": 10, "image": 5, "text+image": 10}
     assert all(any(t.match(m["prompt"].removeprefix("<image>\n")) for t in templates) for m in mod

@@ -17,7 +17,7 @@ tests/test_world.py):
   reading       teacher-forced: how much the codes of a true picture depend on the colour and the shape words
   code context  how much a VQGAN code depends on the pixels around its cell (0: equal cells, equal codes)
   understanding ti2t questions on rendered images; accuracy of the base MLLM and of each stage, and the
-                retention ratio (the paper's "Und.", Table 4)
+                retention ratio (the paper's "Und.", Table 4); again in phrasings never seen in training
   modality      "what to generate": the response modality (text / image / text+image) for held-out phrasings
                 of t2t, ti2t, t2i and t2ti prompts (and ti2ti)
   ti2ti         image in, text + image out (never trained, Section 6.2.1): text fact right, image right
@@ -349,6 +349,9 @@ def main(argv=None):
     base = armor.from_internvl(base_dir, armor=False, device=args.device, verbose=False).eval()
     und, kinds = {}, {}
     und["base"], kinds["base"] = eval_understanding(base, tok, items, is_base=True, by_kind=True)
+    # the same kinds of question in phrasings never seen in training: what the base understands beyond its templates
+    unseen_items = world.understanding_set(5 * n, args.seed, phrasing="unseen")
+    unseen = {"base": eval_understanding(base, tok, unseen_items, is_base=True, by_kind=True)}
     del base
     stages = args.stages
     if stages is None and os.path.samefile(args.model, DEFAULT_MODEL):  # the shipped model: the pipeline's stages
@@ -359,6 +362,7 @@ def main(argv=None):
         und[os.path.basename(os.path.normpath(s))] = eval_understanding(m, stok, items)
         del m
     und["final"], kinds["final"] = eval_understanding(model, tok, items, by_kind=True)
+    unseen["final"] = eval_understanding(model, tok, unseen_items, by_kind=True)
     mod = eval_modality(model, tok, max(1, n // 2) * 2, args.seed)
     ti = eval_ti2ti(model, tok, vq, 2 * n, cfg, args.seed)
 
@@ -372,6 +376,10 @@ def main(argv=None):
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")
     lines.append("| understanding by question kind, base / final | " + ", ".join(
         f"{k} {fmt(v)} / {fmt(kinds['final'][k])}" for k, v in kinds["base"].items()) + " |")
+    (ub, ub_kinds), (uf, uf_kinds) = unseen["base"], unseen["final"]
+    lines.append(f"| understanding in unseen phrasings, base / final | {fmt(ub)} / {fmt(uf)} |")
+    lines.append("| understanding by question kind, unseen phrasings, base / final | " + ", ".join(
+        f"{k} {fmt(v)} / {fmt(uf_kinds[k])}" for k, v in ub_kinds.items()) + " |")
     if und["base"]:
         lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
     else:

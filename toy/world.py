@@ -419,12 +419,14 @@ def scene_prompts(n_per_scene, seed) -> list:
             for name, sc in SCENES.items() for _ in range(n_per_scene)]
 
 
-def understanding_set(n, seed, heldout=False) -> list:
-    """ti2t items [{image, question, prompt, answer, spec}]; heldout=True: questions about held-out compositions."""
-    rng = random.Random(f"understanding/{heldout}/{seed}")
+def understanding_set(n, seed, heldout=False, phrasing="train") -> list:
+    """ti2t items [{image, question, prompt, answer, spec}]; heldout=True: questions about held-out compositions;
+    phrasing="unseen": asked in the held-out phrasings only (as the modality test asks)."""
+    rng = random.Random(f"understanding/{heldout}/{seed}" + ("" if phrasing == "train" else f"/{phrasing}"))
+    tpl = {"train": "train", "unseen": "heldout"}[phrasing]
     items = []
     for i in range(n):
-        rec = make_record("ti2t", rng, "heldout" if heldout else "train", "train", f"und-{i}")
+        rec = make_record("ti2t", rng, "heldout" if heldout else "train", tpl, f"und-{i}")
         prompt = rec["conversations"][0]["value"]
         items.append({"image": rec["image"][0], "question": prompt.replace("<image>\n", ""), "prompt": prompt,
                       "answer": rec["conversations"][1]["value"], "spec": rec["meta"]["answer_spec"]})
