@@ -374,12 +374,14 @@ def main(argv=None):
     for k, v in und.items():
         lines.append(f"| understanding (ti2t accuracy), {k} | {fmt(v)}" +
                      (f" (retention {fmt(v / und['base'])})" if k != "base" and und["base"] else "") + " |")
-    lines.append("| understanding by question kind, base / final | " + ", ".join(
-        f"{k} {fmt(v)} / {fmt(kinds['final'][k])}" for k, v in kinds["base"].items()) + " |")
+    def by_kind(name, base_kinds, final_kinds):
+        return f"| {name}, base / final | " + ", ".join(
+            f"{k} {fmt(v)} / {fmt(final_kinds[k])}" for k, v in base_kinds.items()) + " |"
+
     (ub, ub_kinds), (uf, uf_kinds) = unseen["base"], unseen["final"]
-    lines.append(f"| understanding in unseen phrasings, base / final | {fmt(ub)} / {fmt(uf)} |")
-    lines.append("| understanding by question kind, unseen phrasings, base / final | " + ", ".join(
-        f"{k} {fmt(v)} / {fmt(uf_kinds[k])}" for k, v in ub_kinds.items()) + " |")
+    lines += [by_kind("understanding by question kind", kinds["base"], kinds["final"]),
+              f"| understanding in unseen phrasings, base / final | {fmt(ub)} / {fmt(uf)} |",
+              by_kind("understanding by question kind, unseen phrasings", ub_kinds, uf_kinds)]
     if und["base"]:
         lines.append(f"| understanding retention, final / base | **{fmt(und['final'] / und['base'])}** |")
     else:
