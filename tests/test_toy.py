@@ -243,6 +243,14 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert json.loads((stage3 / "config.json").read_text())["vqgan"] == str(vq)
     p = run("-m", "toy.eval", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
     assert p.returncode == 0 and "held-out compositions" in (tmp_path / "run.md").read_text(), p.stderr[-3000:]
+    # a base alone: its understanding in both phrasings, one line each with every question kind
+    p = run("-m", "toy.eval", "--base-only", tmp_path / "runs" / "base", "--quick")
+    lines = [line for line in p.stdout.splitlines() if line.startswith("understanding of ")]
+    assert p.returncode == 0 and len(lines) == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "train phrasings" in lines[0] and "unseen phrasings" in lines[1]
+    assert all(re.search(r"phrasings \(seed 1234\): [01]\.\d{3} \(\w+.* [01]\.\d{3}\)$", line) for line in lines)
+    p = run("-m", "toy.eval", "--base-only", tmp_path / "fig")  # no base there: one line, no traceback
+    assert p.returncode != 0 and "error:" in p.stderr and "Traceback" not in p.stderr
     # the upper-bound arm on this run: one stage from its base with every weight trainable, for as many examples as
     # stages 1-3 saw together, scored beside its WoHG model (stage 3), whose LLM stayed the base's
     p = run("-m", "toy.ablations", "upper-bound", "--run", tmp_path / "runs", "--n", "1", "--seeds", "1",

@@ -183,9 +183,13 @@ def _heldout_text_patterns():
 
 
 def _heldout_template_patterns():
-    """Every held-out template as a whole-prompt pattern (any object; any case, final stop optional)."""
+    """Every held-out template as a whole-prompt pattern (any object; any case, final stop optional). An object slot
+    holds no sentence break, so "Tell me the colour of the {}." does not match the training phrasing "Tell me the
+    colour of the circle. Take a close look first."; a leading question slot ("{q} Just draw it.") holds any text."""
     def pattern(t):
-        body = re.escape(t.rstrip(".?")).replace(re.escape("{}"), ".+")
+        body = re.escape(t.rstrip(".?")).replace(re.escape("{}"), "[^.?]+")
+        if t.startswith("{}"):
+            body = ".+" + body[len("[^.?]+"):]
         return re.compile(rf"^{body}[.?]?$", re.IGNORECASE)
     return [pattern(t) for _, held in world.TEMPLATES.values() for t in held]
 
@@ -337,7 +341,7 @@ def test_no_training_phrasing_matches_a_heldout_one():
     questions += [q.format(s) for qs in world.FACT_QUESTIONS.values() for q in qs for s in pictures.SHAPES]
     objects = ["two red circles", "a circle to the left of a square", "an aurora"]
     n = 0
-    for key, (train, _) in world.TEMPLATES.items():
+    for key, train in [(k, tr) for k, (tr, _) in world.TEMPLATES.items()] + list(world.COMPOSED_QUESTIONS.items()):
         for t in train:
             slots = t.count("{}")
             for q in questions:
@@ -347,6 +351,32 @@ def test_no_training_phrasing_matches_a_heldout_one():
                     assert not any(p.match(text) for p in held), (key, text)
                     n += 1
     assert n > 10_000
+
+
+def test_composed_questions_frame_every_wording_and_keep_the_unseen_phrasing_out():
+    """pipeline --questions composed: the base's training questions come in question frames x four wordings (the
+    plain recipe's two or three, the held-out one, a fourth), never in a held-out phrasing, so eval.py's unseen
+    phrasings stay unseen; everything else, and the evaluation's sets, stay as plain makes them."""
+    plain = world.make_mixture("ti2t", 300, seed=2)
+    with world.questions_as("composed"):
+        composed = world.make_mixture("ti2t", 300, seed=2)
+    assert world.QUESTIONS == "plain"  # restored after the block
+    unseen = [it["question"] for it in world.understanding_set(40, seed=1, phrasing="unseen")]
+    held, asked = _heldout_template_patterns(), [r["conversations"][0]["value"][len("<image>\n"):] for r in composed]
+    assert not any(p.match(q) for q in asked for p in held)
+    frames = Counter(next(i for i, f in reversed(list(enumerate(world.QUESTION_FRAMES)))
+                          if q.startswith(f.split("{Q}")[0]) and q.endswith(f.split("{Q}")[1])) for q in asked)
+    assert set(frames) == set(range(len(world.QUESTION_FRAMES))), frames
+    assert sum("Would you say this image shows" in q for q in asked) > 0  # the held-out wording, in a frame
+    assert not any("Take a close look" in r["conversations"][0]["value"] for r in plain)
+    with world.questions_as("composed"):  # the unseen set does not depend on the training phrasings
+        assert [it["question"] for it in world.understanding_set(40, seed=1, phrasing="unseen")] == unseen
+    for key, train in world.COMPOSED_QUESTIONS.items():
+        assert len(train) == 20 and set(world.TEMPLATES[key][0]) <= set(train)
+        assert not set(world.TEMPLATES[key][1]) & set(train)
+    with pytest.raises(ValueError, match="plain"):
+        with world.questions_as("framed"):
+            pass
 
 
 def test_training_requests_are_often_bare_and_casual():
@@ -400,12 +430,14 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
         pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
     assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {
         "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "more": pipeline.MORE,
-        "where": pipeline.WHERE}
+        "where": pipeline.WHERE, "questions": pipeline.QUESTIONS}
     with pytest.raises(SystemExit, match="another --data"):  # nor data without the extra position questions
         pipeline.make_data(p, {k: 2 for k in TYPES}, where=0.0)
+    with pytest.raises(SystemExit, match="another --data"):  # nor data whose questions are phrased otherwise
+        pipeline.make_data(p, {k: 2 for k in TYPES}, questions="composed")
     # written before across, more and where
     (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')
-    with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0"):
+    with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0, 'questions': 'plain'"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, across=0)
     pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, more={}, where=0.0)  # that recipe: reused
     # written when only positions could be asked for more often: read as more={"position": ...}
@@ -467,7 +499,8 @@ def test_extra_position_questions_answer_what_the_picture_shows(tmp_path):
     assert len(extra) == 30
     for r in extra:
         q, a = (c["value"] for c in r["conversations"])
-        assert q.startswith("<image>\nWhere is the ") and not any(t.match(q[8:]) for t in templates)
+        assert q.startswith("<image>\n") and re.search(r"(Where|How) is the ", q)
+        assert not any(t.match(q[8:]) for t in templates)
         spec = r["meta"]["answer_spec"]
         assert spec["kind"] == "relation" and world.score_answer(spec, a)
         s1, rest = spec["answer"].split(" is ", 1)

@@ -7,6 +7,7 @@ Measure the toy world's ARMOR: does it draw what it is asked, know when to draw,
   python -m toy.eval --cfg-sweep 1,1.5,2,3,4,6 --seed 99   # the guidance sweep behind sample.py's default --cfg
   python -m toy.eval --quick                      # fewer prompts (a smoke run)
   python -m toy.eval --gallery figures/gallery.png  # a captioned sheet of the model's own drawings
+  python -m toy.eval --base-only runs/toy/base --seed 7   # a base alone: its understanding in both phrasings
 
 Sections (prompts are seeded; world.py holds the prompt sets, pictures.py the rule-based judges, validated in
 tests/test_world.py):
@@ -270,6 +271,24 @@ def fmt(x):
     return f"{x:.3f}"
 
 
+def base_understanding(path, n, seed, device):
+    """A base MLLM's ti2t accuracy on the understanding set of eval.md, in both phrasings, without an ARMOR: how a
+    base of another recipe compares before any WoHG stage is trained on it."""
+    import armor
+    from tokenizer import Tokenizer
+
+    try:
+        base = armor.from_internvl(path, armor=False, device=device, verbose=False, tokenizer=True).eval()
+    except (armor.CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    tok = Tokenizer.from_dir(path)
+    for phrasing in ("train", "unseen"):
+        acc, kinds = eval_understanding(base, tok, world.understanding_set(5 * n, seed, phrasing=phrasing),
+                                        is_base=True, by_kind=True)
+        print(f"understanding of {path}, {phrasing} phrasings (seed {seed}): {fmt(acc)} ("
+              + ", ".join(f"{k} {fmt(v)}" for k, v in kinds.items()) + ")", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m toy.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,12 +306,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few prompts per section")
     ap.add_argument("--out", help="where the Markdown table goes (eval.md; figures/cfg_sweep.md for --cfg-sweep)")
     ap.add_argument("--gallery", help="only write a captioned sheet of the model's drawings to this PNG")
+    ap.add_argument("--base-only", metavar="DIR", help="only a base MLLM's understanding (an InternVL directory "
+                    "with its tokenizer, as train.py --stage 0 writes it): ti2t accuracy by question kind, in the "
+                    "training phrasings and in unseen ones")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     import armor
     import sample
 
     torch.manual_seed(0)
+    if args.base_only:
+        return base_understanding(args.base_only, 3 if args.quick else args.n, args.seed, args.device)
     try:
         model, tok, vq = load(args.model, base=args.base, vqgan=args.vqgan, device=args.device)
     except (armor.CheckpointError, FileNotFoundError) as e:

@@ -20,6 +20,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python -m toy --vq-locality 5 --no-cell-local --data D --runs R --ship S   # the README's VQGAN locality experiment
   python -m toy --more position=0.25 --stage2-steps 15000 --data D --runs R --ship S   # more of one request, longer
   python -m toy --base-from toy --data D --runs R --ship S   # ARMOR again on the shipped base
+  python -m toy --questions composed --data D --runs R --ship S   # a base asked in composed question phrasings
   python -m toy.eval               # then: the measured table of the README
   python -m toy prepare --stage 2  # only the data a bare `python train.py --stage 2` reads (toy/stage2.args)
 
@@ -75,6 +76,9 @@ MORE = {"position": 0.25, "counting": 0.15, "color_attr": 0.15}
 # which way round only after about 3,000 steps of nothing else), so the base sees about 100,000 of them in 8,000
 # steps; its other question kinds keep the number of examples they had at 4,000 steps without them
 WHERE = 1.0
+# how the base's training questions about a picture are phrased (world.questions_as): "plain", two or three wordings
+# per kind of question; "composed", question frames x four wordings, as the drawing requests are composed
+QUESTIONS = "plain"
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
@@ -159,18 +163,19 @@ def prepared_once(folder):
 
 
 def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, more=MORE, where=WHERE,
-              base_text=True):
+              base_text=True, questions=QUESTIONS):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"];
     name_colours and across are world.make_mixture's for the t2i records, more ({category: share}) its extra object
-    requests as a share of them; the ti2t set with `where` extra open position questions per record."""
+    requests as a share of them; the ti2t set with `where` extra open position questions per record, every question
+    phrased as `questions` says (world.questions_as)."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
     more = {c: s for c, s in sorted(more.items()) if s}
-    recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where}
+    recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where, "questions": questions}
     path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
     # what data made before a setting was recorded had
-    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}, "where": 0.0}
+    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}, "where": 0.0, "questions": "plain"}
     if os.path.exists(path):
         with open(path) as f:
             before = {**unrecorded, **json.load(f)}
@@ -188,28 +193,30 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
     for kind, n in n_records.items():
         if not os.path.exists(os.path.join(p["data"], f"{kind}_train.jsonl")):
             drawing = dict(across=across, more={c: round(s * n) for c, s in more.items()}) if kind == "t2i" else {}
-            records = world.make_mixture(kind, n, seed, "train", name_colours, **drawing)
-            if kind == "ti2t" and where:
-                rng = random.Random(f"ti2t-where/{seed}")  # its own stream: the mixture's records stay as they were
-                records += [world.make_record("ti2t", rng, rid=f"ti2t-where-{seed}-{i}", category="where")
-                            for i in range(round(n * where))]
+            with world.questions_as(questions):
+                records = world.make_mixture(kind, n, seed, "train", name_colours, **drawing)
+                if kind == "ti2t" and where:
+                    rng = random.Random(f"ti2t-where/{seed}")  # its own stream: the mixture's records stay as they were
+                    records += [world.make_record("ti2t", rng, rid=f"ti2t-where-{seed}-{i}", category="where")
+                                for i in range(round(n * where))]
             world.write_dataset(records, p["data"], f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
         world.write_dataset(world.base_text_mixture(n, seed), p["data"], "base_t2t_train")
 
 
-def make_tokenizer(p, n_records, seed=0, vocab=VOCAB):
+def make_tokenizer(p, n_records, seed=0, vocab=VOCAB, questions=QUESTIONS):
     """A Qwen2-style byte-level BPE trained on every text of the training sets (prompts, answers, system text). It is
-    the base MLLM's tokenizer, so it reads the sets as world.make_mixture makes them with no recipe option
-    (name_colours 0), not the files in --data: a change to ARMOR's drawing data (--name-colours) leaves the tokenizer,
-    and with it the base, byte for byte as they were."""
+    the base MLLM's tokenizer, so it reads the sets as world.make_mixture makes them with no drawing-data option
+    (name_colours 0), in the base's question phrasings, not the files in --data: a change to ARMOR's drawing data
+    (--name-colours) leaves the tokenizer, and with it the base, byte for byte as they were."""
     from . import world
     from tokenizer import Tokenizer
     if os.path.exists(os.path.join(p["tok"], "tokenizer.json")):
         return
-    texts = [t["value"] for kind, n in n_records.items() for r in world.make_mixture(kind, n, seed, "train")
-             for t in r["conversations"]]
+    with world.questions_as(questions):
+        texts = [t["value"] for kind, n in n_records.items() for r in world.make_mixture(kind, n, seed, "train")
+                 for t in r["conversations"]]
     Tokenizer.train_bpe(texts, vocab, out_dir=p["tok"])
 
 
@@ -390,6 +397,9 @@ def main(argv=None):
     ap.add_argument("--name-colours", type=float, default=NAME_COLOURS,
                     help="share of t2i object requests that name no colour rewritten to name the colours drawn "
                          "(world.with_colours); 0 = the data of the model shipped before")
+    ap.add_argument("--questions", choices=("plain", "composed"), default=QUESTIONS,
+                    help="the base's questions about pictures: plain, two or three wordings per kind (the recipe); "
+                         "composed, question frames x four wordings (world.COMPOSED_QUESTIONS)")
     args = ap.parse_args(argv)
     from .pictures import CATEGORIES
     if args.across < 0:
@@ -430,8 +440,9 @@ def main(argv=None):
         timings[name] = time.time() - t
 
     with prepared_once(p["data"]):
-        timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, more=more)
-    timed("tokenizer", make_tokenizer, p, n)
+        timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, more=more,
+              questions=args.questions)
+    timed("tokenizer", make_tokenizer, p, n, questions=args.questions)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local, device=args.device)
     with prepared_once(p["data"]):

@@ -19,6 +19,7 @@ import re
 import sys
 import textwrap
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict
 
 from PIL import Image, ImageDraw
@@ -51,11 +52,27 @@ DESCRIBE_VERBS = ("describe", "tell me about", "explain", "give me a description
                   "talk about")
 
 
-def _compose(frames, verbs):
-    """(training phrasings, held-out phrasings) of every frame with every verb; each "{}" is a slot, in order."""
-    pairs = [((i + j) % len(frames) == 2, f.format(v=v, V=v[0].upper() + v[1:], x="{}", q="{}"))
-             for i, f in enumerate(frames) for j, v in enumerate(verbs)]
+# Questions about a picture are question frames x wordings in the same way ("{Q}": the question itself).
+QUESTION_FRAMES = ("{Q}", "Look at the picture. {Q}", "Here is an image. {Q}",
+                   "I have a question about this picture. {Q}", "Please look carefully. {Q}",
+                   "{Q} Take a close look first.")
+
+
+def _hold_out(grid):
+    """(training phrasings, held-out phrasings) of grid[i][j], frame i with wording j: the pairs with
+    (i + j) % (number of frames) == 2 are held out, so every frame and every wording is still met in training."""
+    pairs = [((i + j) % len(grid) == 2, t) for i, row in enumerate(grid) for j, t in enumerate(row)]
     return [t for held, t in pairs if not held], [t for held, t in pairs if held]
+
+
+def _compose(frames, verbs):
+    """Every frame with every verb; each "{}" is a slot, in order."""
+    return _hold_out([[f.format(v=v, V=v[0].upper() + v[1:], x="{}", q="{}") for v in verbs] for f in frames])
+
+
+def _ask(*wordings):
+    """Every question frame with every wording of a question."""
+    return _hold_out([[f.format(Q=w) for w in wordings] for f in QUESTION_FRAMES])
 
 
 # (training phrasings, held-out phrasings). Held-out ones never reach training; the modality test asks with them.
@@ -78,6 +95,31 @@ TEMPLATES = {
                 ["Can you explain this image?"]),
     "q_shows": (["Does the picture show {}?", "Is this a picture of {}?"], ["Would you say this image shows {}?"]),
 }
+# The base's questions asked in composed phrasings (pipeline --questions composed): every question frame with four
+# wordings, the kind's training ones, its held-out one (kept out bare, so eval.py's unseen phrasing stays unseen) and
+# a fourth. Plain, the shipped recipe, asks in the two or three training wordings alone, and its base answered 0.65
+# of the questions in a held-out wording against 0.93 in its own (eval.md, understanding in unseen phrasings).
+FOURTH = {"q_colour": "What is the colour of the {}?", "q_count": "How many {}s do you see?",
+          "q_total": "What is the total number of objects?", "q_which": "What is the shape of the {} object?",
+          "q_where": "Where is the {} in relation to the {}?", "q_shows": "Does this image show {}?"}
+COMPOSED_QUESTIONS = {key: _ask(train[0], train[1], held[0], train[2] if len(train) > 2 else FOURTH[key])[0]
+                      for key, (train, held) in TEMPLATES.items() if key.startswith("q_")}
+QUESTIONS = "plain"  # how training records ask about a picture: "plain" or "composed" (questions_as)
+
+
+@contextmanager
+def questions_as(form):
+    """QUESTIONS set to form ("plain" or "composed") inside a with block, for a base of the other recipe."""
+    global QUESTIONS
+    if form not in ("plain", "composed"):
+        raise ValueError(f"questions are 'plain' or 'composed', not {form!r}")
+    keep, QUESTIONS = QUESTIONS, form
+    try:
+        yield
+    finally:
+        QUESTIONS = keep
+
+
 DRAW_LIKE = ("Can you help me draw one similar to this picture?", "Draw one like it.",
              "Please draw another picture like this one.")
 SHAPE_FACTS = {  # shape -> {question kind: answer}
@@ -105,6 +147,8 @@ NOT_IN_WORLD = ("athletes exercising", "a busy city street", "a cat sleeping on 
 
 def _pick(rng, key, tpl):
     train, held = TEMPLATES[key]
+    if tpl == "train" and QUESTIONS == "composed" and key in COMPOSED_QUESTIONS:
+        train = COMPOSED_QUESTIONS[key]
     return rng.choice(train if tpl == "train" else held)
 
 
