@@ -435,6 +435,13 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
         pipeline.make_data(p, {k: 2 for k in TYPES}, where=0.0)
     with pytest.raises(SystemExit, match="another --data"):  # nor data whose questions are phrased otherwise
         pipeline.make_data(p, {k: 2 for k in TYPES}, questions="composed")
+    composed = pipeline.paths(str(tmp_path / "composed"), str(tmp_path / "runs"), str(tmp_path / "ship"))
+    pipeline.make_data(composed, {"ti2t": 40}, base_text=False, questions="composed")  # written in question frames
+    asked = [json.loads(line)["conversations"][0]["value"]
+             for line in (tmp_path / "composed" / "ti2t_train.jsonl").read_text().splitlines()]
+    framed = [q for q in asked if any(q.startswith("<image>\n" + f.split("{Q}")[0]) and q.endswith(f.split("{Q}")[1])
+                                      for f in world.QUESTION_FRAMES[1:])]
+    assert len(framed) > len(asked) / 2, asked[:5]
     # written before across, more and where
     (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')
     with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0, 'questions': 'plain'"):
