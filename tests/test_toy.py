@@ -243,6 +243,11 @@ def test_pipeline_quick_end_to_end(tmp_path):
     assert json.loads((stage3 / "config.json").read_text())["vqgan"] == str(vq)
     p = run("-m", "toy.eval", "--model", stage3, "--quick", "--out", tmp_path / "run.md")
     assert p.returncode == 0 and "held-out compositions" in (tmp_path / "run.md").read_text(), p.stderr[-3000:]
+    # the response modality alone, of a stage-1 run (its text head already chooses words or a picture): one line
+    p = run("-m", "toy.eval", "--model", tmp_path / "runs" / "stage1", "--modality", "--quick")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert re.search(r"^response modality \(seed 1234\): t2t [01]\.\d{3}, .*t2ti [01]\.\d{3}, .*overall [01]\.\d{3}$",
+                     p.stdout, re.M), p.stdout[-2000:]
     # a base alone: its understanding in both phrasings, one line each with every question kind
     p = run("-m", "toy.eval", "--base-only", tmp_path / "runs" / "base", "--quick")
     lines = [line for line in p.stdout.splitlines() if line.startswith("understanding of ")]

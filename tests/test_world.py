@@ -430,11 +430,13 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
         pipeline.make_data(p, {k: 2 for k in TYPES}, name_colours=0.0)
     assert json.loads((tmp_path / "data" / "recipe.json").read_text()) == {
         "name_colours": pipeline.NAME_COLOURS, "across": pipeline.DRAW_ACROSS, "more": pipeline.MORE,
-        "where": pipeline.WHERE, "questions": pipeline.QUESTIONS}
+        "where": pipeline.WHERE, "questions": pipeline.QUESTIONS, "image_after": pipeline.IMAGE_AFTER}
     with pytest.raises(SystemExit, match="another --data"):  # nor data without the extra position questions
         pipeline.make_data(p, {k: 2 for k in TYPES}, where=0.0)
     with pytest.raises(SystemExit, match="another --data"):  # nor data whose questions are phrased otherwise
         pipeline.make_data(p, {k: 2 for k in TYPES}, questions="composed")
+    with pytest.raises(SystemExit, match="another --data"):  # nor data whose t2ti pictures follow the text directly
+        pipeline.make_data(p, {k: 2 for k in TYPES}, image_after="")
     composed = pipeline.paths(str(tmp_path / "composed"), str(tmp_path / "runs"), str(tmp_path / "ship"))
     pipeline.make_data(composed, {"ti2t": 40}, base_text=False, questions="composed")  # written in question frames
     asked = [json.loads(line)["conversations"][0]["value"]
@@ -444,7 +446,7 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     assert len(framed) > len(asked) / 2, asked[:5]
     # written before across, more and where
     (tmp_path / "data" / "recipe.json").write_text('{"name_colours": 0.5}')
-    with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0, 'questions': 'plain'"):
+    with pytest.raises(SystemExit, match="'across': 8, 'more': {}, 'where': 0.0, 'questions': 'plain', 'image_after'"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, across=0)
     pipeline.make_data(p, {k: 2 for k in TYPES}, across=8, more={}, where=0.0)  # that recipe: reused
     # written when only positions could be asked for more often: read as more={"position": ...}
@@ -452,6 +454,53 @@ def test_toy_data_keeps_one_recipe_per_directory(tmp_path):
     pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25}, where=0.0)
     with pytest.raises(SystemExit, match="another --data"):
         pipeline.make_data(p, {k: 2 for k in TYPES}, across=0, more={"position": 0.25, "counting": 0.1}, where=0.0)
+
+
+def test_image_right_after_leaves_the_choice_to_draw_to_imgbos(tmp_path):
+    """world.image_right_after (python -m toy --image-after text): a t2ti answer's picture follows its last word, so
+    the text before <imgbos> is tokenised as the base's refusal begins ("... peaks." then " I cannot draw"), and
+    the choice to draw is <imgbos> against " I", not the BPE's merged ".\\n" against "."; nothing else changes, in
+    the records or in the data that make_data writes beside the t2ti set."""
+    from data import encode_conversation
+    from toy import pipeline
+    from tokenizer import Tokenizer
+    recs = world.make_mixture("t2ti", 60, 3)
+    moved = [world.image_right_after(r) for r in recs]
+    for r, m in zip(recs, moved):
+        said = r["conversations"][1]["value"]
+        assert said.endswith("\n<gen_image>")
+        assert m["conversations"][1]["value"] == said[:-len("\n<gen_image>")] + "<gen_image>"
+        assert {**m, "conversations": r["conversations"]} == r and m["conversations"][0] == r["conversations"][0]
+    other = world.make_mixture("t2i", 3, 3) + world.make_mixture("t2t", 3, 3)
+    assert [world.image_right_after(r) for r in other] == other
+
+    tok = Tokenizer.from_dir(os.path.join(os.path.dirname(os.path.dirname(__file__)), "toy", "base"))
+    cfg = pipeline.toy_config()
+    grid = np.zeros((cfg.image_grid, cfg.image_grid), dtype=np.int64)
+
+    def before_imgbos(rec):  # the answer's ids up to <imgbos>, and the refusal of the same answer
+        msgs = [{"role": "user", "content": rec["conversations"][0]["value"]},
+                {"role": "assistant", "content": rec["conversations"][1]["value"]}]
+        ids = encode_conversation(tok, cfg, msgs, [], [grid]).ids
+        said = rec["conversations"][1]["value"].replace("<gen_image>", "").strip()
+        refusal = encode_conversation(tok, cfg, [msgs[0], {"role": "assistant", "content": f"{said} I cannot draw"}])
+        return ids[:ids.index(cfg.imgbos_id)], refusal.ids
+    for r, m in zip(recs[:10], moved[:10]):
+        plain, refusal = before_imgbos(r)
+        right_after, _ = before_imgbos(m)
+        assert tok.tk.decode([plain[-1]]) == ".\n" and plain[:-1] == right_after[:-1]  # one merged token
+        assert tok.tk.decode([right_after[-1]]) == "." and refusal[:len(right_after)] == right_after
+
+    n = {k: 6 for k in TYPES}
+    made = {}
+    for after, folder in (("\n", "newline"), ("", "text")):
+        p = pipeline.paths(str(tmp_path / folder), str(tmp_path / "runs"), str(tmp_path / "ship"))
+        pipeline.make_data(p, n, image_after=after)
+        made[after] = {f: (tmp_path / folder / f).read_text() for f in os.listdir(tmp_path / folder)
+                       if f.endswith(".jsonl")}
+    t2ti = made["\n"].pop("t2ti_train.jsonl"), made[""].pop("t2ti_train.jsonl")
+    assert t2ti[0] != t2ti[1] and t2ti[0].replace("\\n<gen_image>", "<gen_image>") == t2ti[1]
+    assert made["\n"] == made[""]
 
 
 def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positions():
@@ -534,8 +583,9 @@ def test_tokenizer_is_the_same_whatever_the_drawing_data_recipe(tmp_path):
 
 
 def test_toy_command_reads_more_and_stage2_steps(tmp_path, monkeypatch, capsys):
-    """python -m toy --more CATEGORY=SHARE and --stage2-steps: a wrong category or share stops with one error line
-    before anything is made, and stage 2's length reaches train.py with its snapshots spread over it."""
+    """python -m toy --more CATEGORY=SHARE, --image-after and --stage2-steps: a wrong category or share stops with one
+    error line before anything is made, --image-after reaches make_data, and stage 2's length reaches train.py with its
+    snapshots spread over it."""
     from toy import pipeline
     where = ["--data", str(tmp_path / "d"), "--runs", str(tmp_path / "r"), "--ship", str(tmp_path / "s")]
     for bad, said in ((["--more", "positions=0.2"], "the category must be one of"),
@@ -548,14 +598,19 @@ def test_toy_command_reads_more_and_stage2_steps(tmp_path, monkeypatch, capsys):
     asked = []
 
     def make_data(p, n, **kw):
-        asked.append(kw["more"])
+        asked.append(kw)
         raise SystemExit(0)
     monkeypatch.setattr(pipeline, "make_data", make_data)
     for more, recipe in (([], pipeline.MORE), (["--more", "counting=0.1"], {"counting": 0.1}),
                          (["--more", "position=0"], {"position": 0.0})):
         with pytest.raises(SystemExit):
             pipeline.main(more + where)
-        assert asked.pop() == recipe  # no --more: the recipe's; any --more: only those
+        assert asked.pop()["more"] == recipe  # no --more: the recipe's; any --more: only those
+    for flag, image_after in (([], pipeline.IMAGE_AFTER), (["--image-after", "text"], ""),
+                              (["--image-after", "newline"], "\n")):
+        with pytest.raises(SystemExit):
+            pipeline.main(flag + where)
+        assert asked.pop()["image_after"] == image_after
     ran = []
     monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
     p = pipeline.paths(*(str(tmp_path / k) for k in "drs"))

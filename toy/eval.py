@@ -309,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--base-only", metavar="DIR", help="only a base MLLM's understanding (an InternVL directory "
                     "with its tokenizer, as train.py --stage 0 writes it): ti2t accuracy by question kind, in the "
                     "training phrasings and in unseen ones")
+    ap.add_argument("--modality", action="store_true", help="only the response modality per request type, in unseen "
+                    "phrasings: one line (a stage-1 run already chooses between words and a picture)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     import armor
@@ -321,10 +323,14 @@ def main(argv=None):
         model, tok, vq = load(args.model, base=args.base, vqgan=args.vqgan, device=args.device)
     except (armor.CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    n = 3 if args.quick else args.n
+    if args.modality:  # the text head alone picks the modality: no VQGAN needed
+        mod = eval_modality(model, tok, max(1, n // 2) * 2, args.seed)
+        print(f"response modality (seed {args.seed}): " + ", ".join(f"{k} {fmt(v)}" for k, v in mod.items()))
+        return
     if vq is None:
         sys.exit(f"error: {args.model} names no VQGAN; pass --vqgan DIR")
     cfg = sample.DEFAULT_CFG if args.cfg is None else args.cfg
-    n = 3 if args.quick else args.n
     t0 = time.time()
 
     if args.gallery:

@@ -21,6 +21,7 @@ No model hub is reachable here and ARMOR's data was never released, so the proje
   python -m toy --more position=0.25 --stage2-steps 15000 --data D --runs R --ship S   # more of one request, longer
   python -m toy --base-from toy --data D --runs R --ship S   # ARMOR again on the shipped base
   python -m toy --questions composed --data D --runs R --ship S   # a base asked in composed question phrasings
+  python -m toy --image-after text --data D --runs R --ship S   # a t2ti answer's picture right after its text
   python -m toy.eval               # then: the measured table of the README
   python -m toy prepare --stage 2  # only the data a bare `python train.py --stage 2` reads (toy/stage2.args)
 
@@ -79,6 +80,9 @@ WHERE = 1.0
 # how the base's training questions about a picture are phrased (world.questions_as): "plain", two or three wordings
 # per kind of question; "composed", question frames x four wordings, as the drawing requests are composed
 QUESTIONS = "plain"
+# what parts a t2ti answer's text from its picture: "\n", or "" (world.image_right_after), where the choice to draw is
+# the <imgbos> row's and not that of the BPE's merged ".\n" token, which a base taught to refuse drawing outvotes
+IMAGE_AFTER = "\n"
 # (steps, batch, lr, warmup) per train.py stage (toy/stage<N>.args repeats them for a bare train.py command;
 # tests/test_train.py keeps the two equal). The base's learning rate is 3e-4: at 2e-3 it never learnt to read shapes
 # (the shape word's loss stayed at ln 3, chance among three shapes, even on single-object pictures, while colours,
@@ -163,19 +167,20 @@ def prepared_once(folder):
 
 
 def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROSS, more=MORE, where=WHERE,
-              base_text=True, questions=QUESTIONS):
+              base_text=True, questions=QUESTIONS, image_after=IMAGE_AFTER):
     """The training sets of the types in n_records (and, with base_text, the base's text pool) into p["data"];
     name_colours and across are world.make_mixture's for the t2i records, more ({category: share}) its extra object
     requests as a share of them; the ti2t set with `where` extra open position questions per record, every question
-    phrased as `questions` says (world.questions_as)."""
+    phrased as `questions` says (world.questions_as); the t2ti answers' pictures after `image_after` ("\n" or "")."""
     from . import world
     os.makedirs(p["data"], exist_ok=True)
     more = {c: s for c, s in sorted(more.items()) if s}
-    recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where, "questions": questions}
+    recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where, "questions": questions,
+              "image_after": image_after}
     path = os.path.join(p["data"], "recipe.json")
     made = os.path.exists(os.path.join(p["data"], "t2i_train.jsonl"))
     # what data made before a setting was recorded had
-    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}, "where": 0.0, "questions": "plain"}
+    unrecorded = {"name_colours": 0.0, "across": 8, "more": {}, "where": 0.0, "questions": "plain", "image_after": "\n"}
     if os.path.exists(path):
         with open(path) as f:
             before = {**unrecorded, **json.load(f)}
@@ -199,6 +204,8 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
                     rng = random.Random(f"ti2t-where/{seed}")  # its own stream: the mixture's records stay as they were
                     records += [world.make_record("ti2t", rng, rid=f"ti2t-where-{seed}-{i}", category="where")
                                 for i in range(round(n * where))]
+                if kind == "t2ti" and image_after == "":
+                    records = [world.image_right_after(r) for r in records]
             world.write_dataset(records, p["data"], f"{kind}_train")
     if base_text and not os.path.exists(os.path.join(p["data"], "base_t2t_train.jsonl")):
         n = n_records.get("t2t", N_RECORDS["t2t"]) * 2
@@ -400,6 +407,9 @@ def main(argv=None):
     ap.add_argument("--questions", choices=("plain", "composed"), default=QUESTIONS,
                     help="the base's questions about pictures: plain, two or three wordings per kind (the recipe); "
                          "composed, question frames x four wordings (world.COMPOSED_QUESTIONS)")
+    ap.add_argument("--image-after", choices=("newline", "text"), default="newline" if IMAGE_AFTER else "text",
+                    help="what a t2ti answer's picture follows: a line break after its text (the recipe), or the "
+                         "text itself (world.image_right_after)")
     args = ap.parse_args(argv)
     from .pictures import CATEGORIES
     if args.across < 0:
@@ -441,7 +451,7 @@ def main(argv=None):
 
     with prepared_once(p["data"]):
         timed("data", make_data, p, n, name_colours=args.name_colours, across=args.across, more=more,
-              questions=args.questions)
+              questions=args.questions, image_after="\n" if args.image_after == "newline" else "")
     timed("tokenizer", make_tokenizer, p, n, questions=args.questions)
     timed("vqgan", make_vqgan, p, QUICK["vq_steps"] if args.quick else VQ_STEPS, locality=args.vq_locality,
           cell_local=args.cell_local, device=args.device)

@@ -416,6 +416,18 @@ def make_mixture(kind, n, seed, split="train", name_colours=0.0, across=None, mo
     return out
 
 
+def image_right_after(rec) -> dict:
+    """A t2ti record whose picture follows the last word of its answer ("... white snow on their peaks.<gen_image>")
+    instead of a line break; other records come back unchanged. The BPE merges a full stop and the line break after
+    it into one token (".\n"), so with the break the choice to draw is made at that token, against the lone full
+    stop, which a read-only base, taught "... peaks. I cannot draw ...", prefers; without it the choice falls to the
+    <imgbos> row of the text head, the row WoHG trains for it (the paper's forward switching, Table 1)."""
+    if rec["type"] != "t2ti":
+        return rec
+    asked, said = rec["conversations"]
+    return {**rec, "conversations": [asked, {**said, "value": said["value"].replace("\n<gen_image>", "<gen_image>")}]}
+
+
 UNCOLOURED = ("single_object", "two_object", "counting", "position")  # the GenEval categories whose requests name none
 
 
