@@ -501,6 +501,8 @@ def test_image_right_after_leaves_the_choice_to_draw_to_imgbos(tmp_path):
     t2ti = made["\n"].pop("t2ti_train.jsonl"), made[""].pop("t2ti_train.jsonl")
     assert t2ti[0] != t2ti[1] and t2ti[0].replace("\\n<gen_image>", "<gen_image>") == t2ti[1]
     assert made["\n"] == made[""]
+    with pytest.raises(ValueError, match="image_after"):
+        pipeline.make_data(p, n, image_after=" ")
 
 
 def test_drawing_data_puts_left_right_pairs_on_one_row_and_asks_for_more_positions():

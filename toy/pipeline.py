@@ -173,6 +173,8 @@ def make_data(p, n_records, seed=0, name_colours=NAME_COLOURS, across=DRAW_ACROS
     requests as a share of them; the ti2t set with `where` extra open position questions per record, every question
     phrased as `questions` says (world.questions_as); the t2ti answers' pictures after `image_after` ("\n" or "")."""
     from . import world
+    if image_after not in ("\n", ""):
+        raise ValueError(f"image_after is '\\n' or '', got {image_after!r}")
     os.makedirs(p["data"], exist_ok=True)
     more = {c: s for c, s in sorted(more.items()) if s}
     recipe = {"name_colours": name_colours, "across": across, "more": more, "where": where, "questions": questions,
